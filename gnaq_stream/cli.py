@@ -1,0 +1,126 @@
+"""`gnaq-stream` command line: train, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+from gnaq_stream.config import TrainConfig, env_defaults
+from gnaq_stream.errors import GnaqError
+from gnaq_stream.model.gnaq import METHODS
+from gnaq_stream.quant.packing import LEVEL_DTYPES, SUPPORTED_BITS
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="folder holding the dataset folders (default: $GNAQ_DATA_DIR or ../shared/data)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gnaq-stream", description="Quantized graph collaborative filtering, offline and streaming.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    defaults = TrainConfig(**env_defaults(TrainConfig))
+
+    t = sub.add_parser("train", help="train a model on a dataset's train split and evaluate it on its test split")
+    t.add_argument("--dataset", required=True)
+    t.add_argument("--method", choices=list(METHODS), default=defaults.method)
+    t.add_argument("--bits", type=int, default=defaults.bits, help=f"bits per code, one of {SUPPORTED_BITS}")
+    t.add_argument("--dim", type=int, default=defaults.dim)
+    t.add_argument("--epochs", type=int, default=defaults.epochs)
+    t.add_argument("--init", help="checkpoint whose embeddings initialise the quantizer (quantized methods)")
+    t.add_argument("--out", required=True, help="checkpoint directory to write")
+    t.add_argument("--level-dtype", choices=list(LEVEL_DTYPES), default=defaults.level_dtype)
+    for name in ("n_layers", "batch_size", "lr", "qat_lr", "reg", "n_negatives", "lambda_weight", "rau_alpha",
+                 "rau_every", "eval_every", "patience", "threads", "seed"):
+        value = getattr(defaults, name)
+        t.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    t.add_argument("--json", action="store_true", help="print one JSON object as the last line; no progress bars")
+    _add_data_dir(t)
+
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset's test split")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--dataset", required=True)
+    e.add_argument("--json", action="store_true")
+    _add_data_dir(e)
+    return parser
+
+
+def _report(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>16}: {value:.4f}" if isinstance(value, float) else f"{key:>16}: {value}")
+
+
+def _size_fields(model) -> dict:
+    size = model.size()
+    return {"bytes_model": size.bytes_model, "bytes_fp32": size.bytes_fp32, "compression": size.compression,
+            "bytes_per_node": size.bytes_per_node}
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from gnaq_stream.checkpoint import load_checkpoint, save_checkpoint
+    from gnaq_stream.data.datasets import load_dataset, resolve_name
+    from gnaq_stream.train.trainer import train
+
+    names = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    data = load_dataset(args.dataset, args.data_dir)
+    init = load_checkpoint(args.init).layer0() if args.init else None
+    result = train(data, cfg, init=init, progress=not args.json)
+    result.model.extra = {"dataset": resolve_name(args.dataset), "train_config": cfg.__dict__,
+                          "metrics": result.metrics}
+    save_checkpoint(result.model, args.out)
+    _report({"dataset": resolve_name(args.dataset), "method": cfg.method,
+             "bits": result.model.bits, **result.metrics, **_size_fields(result.model),
+             "train_seconds": result.train_seconds, "seconds_per_epoch": result.seconds_per_epoch,
+             "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "checkpoint": str(Path(args.out))},
+            args.json)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from gnaq_stream.checkpoint import load_checkpoint
+    from gnaq_stream.data.datasets import load_dataset, resolve_name
+    from gnaq_stream.errors import CheckpointError
+    from gnaq_stream.train.trainer import evaluate_stored
+
+    model = load_checkpoint(args.checkpoint)
+    data = load_dataset(args.dataset, args.data_dir)
+    if (model.n_users, model.n_items) != (data.n_users, data.n_items):
+        raise CheckpointError(f"{args.checkpoint}: has {model.n_users} users x {model.n_items} items, "
+                              f"dataset {args.dataset!r} has {data.n_users} x {data.n_items}")
+    metrics = evaluate_stored(model, data, "test", progress=not args.json)
+    _report({"dataset": resolve_name(args.dataset), "method": model.method, "bits": model.bits, **metrics,
+             **_size_fields(model), "train_seconds": model.extra.get("train_seconds", 0.0)}, args.json)
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message="Sparse (CSR tensor support|invariant checks)")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        COMMANDS[args.command](args)
+    except GnaqError as exc:
+        print(f"gnaq-stream: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gnaq-stream: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

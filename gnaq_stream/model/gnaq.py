@@ -1,0 +1,119 @@
+"""Layer-0 embedding tables (full precision and node-wise quantized) and the LightGCN recommender
+built on them. Every method of the CLI is a `MethodSpec`: one code path, different switches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gnaq_stream.errors import ConfigError
+from gnaq_stream.model.lightgcn import propagate
+from gnaq_stream.quant.packing import check_bits, round_levels
+from gnaq_stream.quant.quantizer import dequantize, init_from_embedding, nearest_codes, rau_codes, rebin_codes
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    quantized: bool
+    latent: bool = False         # a float latent table receives straight-through gradients
+    learn_levels: bool = False   # dynamic quantization step: levels are trained by gradient
+    tanh: bool = False           # the published recipe squashes dequantised values with tanh
+    code_rule: str = "none"      # "rau" | "rebin" (published) | "ste" (nearest static level each forward)
+    rau: bool = True             # with code_rule "rau": mix in the neighbour aggregate (else own latent only)
+    lambda_loss: bool = True
+
+
+METHODS: dict[str, MethodSpec] = {
+    "fp": MethodSpec(quantized=False),
+    "gnaq": MethodSpec(quantized=True, latent=True, learn_levels=True, code_rule="rau"),
+    "gnaq-paper": MethodSpec(quantized=True, learn_levels=True, tanh=True, code_rule="rebin"),
+    "ste": MethodSpec(quantized=True, latent=True, code_rule="ste"),
+    "no-rau": MethodSpec(quantized=True, latent=True, learn_levels=True, code_rule="rau", rau=False),
+    "no-dqs": MethodSpec(quantized=True, latent=True, code_rule="rau"),
+    "no-lambda": MethodSpec(quantized=True, latent=True, learn_levels=True, code_rule="rau", lambda_loss=False),
+}
+
+
+def method_spec(method: str) -> MethodSpec:
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+class FullEmbedding(nn.Module):
+    """A float32 layer-0 table."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(table.clone().float())
+
+    def layer0(self) -> torch.Tensor:
+        return self.weight
+
+    def update_codes(self, adj: torch.Tensor, n_layers: int) -> None:
+        """Nothing to re-derive in a float table."""
+
+
+class QuantizedEmbedding(nn.Module):
+    """Per node: 2^bits levels and D codes, initialised from a float table (see quant.quantizer)."""
+
+    def __init__(self, table: torch.Tensor, bits: int, spec: MethodSpec, rau_alpha: float = 0.5):
+        super().__init__()
+        check_bits(bits)
+        self.bits, self.spec, self.rau_alpha = bits, spec, rau_alpha
+        table = table.detach().float()
+        levels, codes = init_from_embedding(table, bits)
+        if spec.code_rule == "rebin":
+            # published initialisation: levels m + k(M-m)/(2^n+1), k = 1..2^n
+            lo, hi = table.min(1, keepdim=True).values, table.max(1, keepdim=True).values
+            k = torch.arange(1, (1 << bits) + 1, dtype=torch.float32)
+            levels = lo + k * (hi - lo) / ((1 << bits) + 1)
+        self.levels = nn.Parameter(levels) if spec.learn_levels else nn.Parameter(levels, requires_grad=False)
+        self.register_buffer("codes", codes)
+        self.latent = nn.Parameter(table.clone()) if spec.latent else None
+
+    def layer0(self) -> torch.Tensor:
+        if self.spec.code_rule == "ste":
+            self.codes = nearest_codes(self.latent.detach(), self.levels.detach())
+        x = dequantize(self.levels, self.codes)
+        if self.latent is not None:
+            x = x + (self.latent - self.latent.detach())
+        return torch.tanh(x) if self.spec.tanh else x
+
+    @torch.no_grad()
+    def update_codes(self, adj: torch.Tensor, n_layers: int) -> None:
+        """Re-derive codes after an optimiser step (RAU or the published re-binning)."""
+        if self.spec.code_rule == "rau":
+            current = self.layer0()
+            if self.spec.rau:
+                aggregate = torch.sparse.mm(adj, current)
+                has_neighbours = adj.crow_indices().diff() > 0
+                self.codes = rau_codes(self.latent, aggregate, self.levels, self.rau_alpha, has_neighbours)
+            else:
+                self.codes = nearest_codes(self.latent, self.levels)
+        elif self.spec.code_rule == "rebin":
+            self.codes = rebin_codes(propagate(adj, self.layer0(), n_layers), self.bits)
+
+    def stored_levels(self, level_dtype: str) -> torch.Tensor:
+        return round_levels(self.levels, level_dtype)
+
+
+class Recommender(nn.Module):
+    """LightGCN over a layer-0 table of n_users + n_items nodes (users first)."""
+
+    def __init__(self, n_users: int, n_items: int, embedding: nn.Module, n_layers: int = 3):
+        super().__init__()
+        self.n_users, self.n_items, self.n_layers = n_users, n_items, n_layers
+        self.embedding = embedding
+
+    def final_embeddings(self, adj: torch.Tensor) -> torch.Tensor:
+        return propagate(adj, self.embedding.layer0(), self.n_layers)
+
+
+def build_embedding(method: str, table: torch.Tensor, bits: int, rau_alpha: float) -> nn.Module:
+    spec = method_spec(method)
+    if not spec.quantized:
+        return FullEmbedding(table)
+    return QuantizedEmbedding(table, bits, spec, rau_alpha)

@@ -1,0 +1,106 @@
+"""The one byte layout of a quantized node row, shared by checkpoints, the store, the updates topic
+and serving.
+
+Row of a node with D dimensions at n bits and 2^n levels:
+    codes   ceil(D*n/8) bytes: code j occupies bits [j*n, (j+1)*n) of the row's little-endian bit
+            stream (at 2 bits: byte 0 holds codes 0..3, code 0 in its lowest two bits)
+    levels  2^n values in the level dtype, little-endian, level k at position k
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gnaq_stream.errors import ConfigError
+
+SUPPORTED_BITS = (1, 2, 3, 4, 8)
+LEVEL_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "fp8": torch.float8_e4m3fn,
+}
+
+
+def check_bits(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ConfigError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    return bits
+
+
+def check_level_dtype(name: str) -> torch.dtype:
+    if name not in LEVEL_DTYPES:
+        raise ConfigError(f"level dtype must be one of {sorted(LEVEL_DTYPES)}, got {name!r}")
+    return LEVEL_DTYPES[name]
+
+
+def code_bytes(dim: int, bits: int) -> int:
+    return math.ceil(dim * bits / 8)
+
+
+def level_bytes(bits: int, level_dtype: str) -> int:
+    return (1 << bits) * check_level_dtype(level_dtype).itemsize
+
+
+def row_bytes(dim: int, bits: int, level_dtype: str) -> int:
+    """Exact bytes stored per node: packed codes plus its level table."""
+    return code_bytes(dim, bits) + level_bytes(bits, level_dtype)
+
+
+def round_levels(levels: torch.Tensor, level_dtype: str) -> torch.Tensor:
+    """Levels as they come back from storage in `level_dtype`, as float32."""
+    return levels.detach().to(check_level_dtype(level_dtype)).to(torch.float32)
+
+
+def pack_rows(codes: np.ndarray, levels: torch.Tensor, bits: int, level_dtype: str) -> np.ndarray:
+    """Pack (N, D) codes and (N, 2^n) levels into an (N, row_bytes) uint8 array."""
+    check_bits(bits)
+    codes = np.asarray(codes, dtype=np.uint8)
+    n, dim = codes.shape
+    if levels.shape != (n, 1 << bits):
+        raise ValueError(f"levels shape {tuple(levels.shape)} does not match {n} nodes at {bits} bits")
+    if codes.size and int(codes.max()) >= (1 << bits):
+        raise ValueError(f"codes exceed {bits} bits")
+    bit_planes = (codes[:, :, None] >> np.arange(bits, dtype=np.uint8)) & 1
+    packed_codes = np.packbits(bit_planes.reshape(n, dim * bits), axis=1, bitorder="little")
+    stored = levels.detach().to(check_level_dtype(level_dtype)).contiguous()
+    level_raw = stored.view(torch.uint8).numpy().reshape(n, -1)  # little-endian on every supported host
+    return np.concatenate([packed_codes, level_raw], axis=1)
+
+
+def unpack_rows(rows: np.ndarray, dim: int, bits: int, level_dtype: str) -> tuple[np.ndarray, torch.Tensor]:
+    """Inverse of `pack_rows`: (N, D) uint8 codes and (N, 2^n) float32 levels."""
+    check_bits(bits)
+    rows = np.ascontiguousarray(rows, dtype=np.uint8)
+    n = rows.shape[0]
+    cb = code_bytes(dim, bits)
+    if rows.shape[1] != row_bytes(dim, bits, level_dtype):
+        raise ValueError(f"row of {rows.shape[1]} bytes, expected {row_bytes(dim, bits, level_dtype)}")
+    bit_planes = np.unpackbits(rows[:, :cb], axis=1, bitorder="little")[:, : dim * bits].reshape(n, dim, bits)
+    codes = (bit_planes << np.arange(bits, dtype=np.uint8)).sum(axis=2, dtype=np.uint8)
+    level_raw = torch.from_numpy(rows[:, cb:].copy())
+    levels = level_raw.view(check_level_dtype(level_dtype)).reshape(n, 1 << bits).to(torch.float32)
+    return codes, levels
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Exact storage of a quantized embedding table against float32 embeddings."""
+
+    n_nodes: int
+    bytes_per_node: int
+    bytes_model: int
+    bytes_fp32: int
+
+    @property
+    def compression(self) -> float:
+        return self.bytes_fp32 / self.bytes_model if self.bytes_model else float("nan")
+
+
+def model_size(n_nodes: int, dim: int, bits: int | None, level_dtype: str) -> ModelSize:
+    """Bytes per node and in total; `bits=None` means a full-precision float32 table."""
+    per_node = dim * 4 if bits is None else row_bytes(dim, bits, level_dtype)
+    return ModelSize(n_nodes, per_node, n_nodes * per_node, n_nodes * dim * 4)

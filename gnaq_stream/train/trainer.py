@@ -1,0 +1,172 @@
+"""Offline training of every method (fp, gnaq, baselines, ablations) through one loop."""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from gnaq_stream.checkpoint import StoredModel
+from gnaq_stream.config import TrainConfig
+from gnaq_stream.data.datasets import InteractionData
+from gnaq_stream.errors import ConfigError
+from gnaq_stream.graph.interaction_graph import normalized_adjacency
+from gnaq_stream.model.lightgcn import propagate
+from gnaq_stream.model.gnaq import QuantizedEmbedding, Recommender, build_embedding, method_spec
+from gnaq_stream.model.losses import bpr_loss, lambda_loss
+from gnaq_stream.train.evaluation import evaluate_ranking, interaction_matrix
+
+
+def tune_allocator() -> None:
+    """Keep glibc from returning large buffers to the OS: otherwise every >32 MB temporary of a
+    training step page-faults afresh (measured ~30% of a step on these CPUs)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_trim_threshold, 1 << 40)
+    libc.mallopt(m_mmap_max, 0)
+
+
+class NegativeSampler:
+    """Uniform negatives, resampled where they hit a training item of the same user."""
+
+    def __init__(self, users: np.ndarray, items: np.ndarray, n_items: int, rng: np.random.Generator):
+        self.n_items, self.rng = n_items, rng
+        self.known = np.unique(users.astype(np.int64) * n_items + items)
+
+    def sample(self, users: np.ndarray, k: int) -> np.ndarray:
+        neg = self.rng.integers(0, self.n_items, size=(len(users), k))
+        for _ in range(5):
+            keys = users[:, None] * self.n_items + neg
+            pos = np.searchsorted(self.known, keys).clip(max=len(self.known) - 1)
+            clash = self.known[pos] == keys
+            if not clash.any():
+                break
+            neg[clash] = self.rng.integers(0, self.n_items, size=int(clash.sum()))
+        return neg
+
+
+def ranking_loss(final: torch.Tensor, layer0: torch.Tensor, n_users: int, users: torch.Tensor,
+                 pos: torch.Tensor, neg: torch.Tensor, lambda_weight: float, reg: float) -> torch.Tensor:
+    """BPR + lambda * LambdaLoss on final embeddings, plus L2 on the batch's layer-0 rows."""
+    u, p, n = final[users], final[n_users + pos], final[n_users + neg]
+    pos_scores = (u * p).sum(-1)
+    neg_scores = torch.einsum("bd,bkd->bk", u, n)
+    loss = bpr_loss(pos_scores, neg_scores)
+    if lambda_weight > 0:
+        loss = loss + lambda_weight * lambda_loss(pos_scores, neg_scores)
+    l2 = layer0[users].square().sum() + layer0[n_users + pos].square().sum() + layer0[n_users + neg].square().sum()
+    return loss + reg * l2 / (2 * len(users))
+
+
+@dataclass
+class TrainResult:
+    model: StoredModel
+    metrics: dict[str, float]
+    train_seconds: float
+    epochs_run: int
+    best_epoch: int
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return self.train_seconds / max(self.epochs_run, 1)
+
+
+def export(rec: Recommender, method: str, cfg: TrainConfig) -> StoredModel:
+    """The model as it will be stored: quantized methods keep only codes + levels in the level dtype."""
+    emb = rec.embedding
+    common = dict(method=method, n_users=rec.n_users, n_items=rec.n_items, dim=cfg.dim, n_layers=cfg.n_layers)
+    if not isinstance(emb, QuantizedEmbedding):
+        return StoredModel(**common, embedding=emb.layer0().detach().clone())
+    emb.layer0()  # the STE rule refreshes codes from its latent here
+    return StoredModel(**common, bits=cfg.bits, level_dtype=cfg.level_dtype,
+                       activation="tanh" if emb.spec.tanh else "none",
+                       codes=emb.codes.numpy().copy(), levels=emb.stored_levels(cfg.level_dtype))
+
+
+def evaluate_stored(model: StoredModel, data: InteractionData, split: str = "test",
+                    progress: bool = False) -> dict[str, float]:
+    """Full-ranking metrics of a stored model on `split`, masking all interactions of other splits."""
+    known = [data.train] + ([data.valid] if data.valid is not None and split == "test" else [])
+    adj = normalized_adjacency(data.n_users, data.n_items, data.train.users, data.train.items)
+    with torch.no_grad():
+        out = propagate(adj, model.layer0(), model.n_layers)
+    truth = interaction_matrix(data.n_users, data.n_items, getattr(data, split))
+    exclude = interaction_matrix(data.n_users, data.n_items, *known)
+    return evaluate_ranking(out[:data.n_users], out[data.n_users:], truth, exclude, progress=progress)
+
+
+def train(data: InteractionData, cfg: TrainConfig, init: torch.Tensor | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train `cfg.method` on the train split; early-stop on the validation split where there is one.
+
+    Quantized methods start from `init` (float layer-0 embeddings of a trained model); without it,
+    a float model is trained first for the same epoch budget.
+    """
+    spec = method_spec(cfg.method)
+    tune_allocator()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    n_nodes = data.n_users + data.n_items
+    if init is not None and tuple(init.shape) != (n_nodes, cfg.dim):
+        raise ConfigError(f"initial embeddings have shape {tuple(init.shape)}, expected ({n_nodes}, {cfg.dim})")
+    pre_seconds = 0.0
+    if spec.quantized and init is None:
+        pre = train(data, TrainConfig(**{**cfg.__dict__, "method": "fp"}), progress=progress)
+        init, pre_seconds = pre.model.layer0(), pre.train_seconds
+    table = init if init is not None else torch.randn(n_nodes, cfg.dim) * 0.1
+    rec = Recommender(data.n_users, data.n_items, build_embedding(cfg.method, table, cfg.bits, cfg.rau_alpha),
+                      cfg.n_layers)
+    adj = normalized_adjacency(data.n_users, data.n_items, data.train.users, data.train.items)
+    lr = cfg.qat_lr if spec.quantized else cfg.lr
+    opt = torch.optim.Adam([p for p in rec.parameters() if p.requires_grad], lr=lr)
+    sampler = NegativeSampler(data.train.users, data.train.items, data.n_items, rng)
+    lambda_weight = cfg.lambda_weight if spec.lambda_loss else 0.0
+    validate = data.valid is not None
+    best_score, best_state, best_epoch, stale = -1.0, None, 0, 0
+    n_train = len(data.train)
+    seconds, epochs_run = 0.0, 0
+    bar = tqdm(range(1, cfg.epochs + 1), desc=f"train {cfg.method}", disable=not progress)
+    for epoch in bar:
+        start = time.perf_counter()
+        order = rng.permutation(n_train)
+        for step, lo in enumerate(range(0, n_train, cfg.batch_size)):
+            idx = order[lo:lo + cfg.batch_size]
+            users = data.train.users[idx]
+            neg = sampler.sample(users, cfg.n_negatives)
+            layer0 = rec.embedding.layer0()
+            final = propagate(adj, layer0, cfg.n_layers)
+            loss = ranking_loss(final, layer0, data.n_users, torch.from_numpy(users),
+                                torch.from_numpy(data.train.items[idx]), torch.from_numpy(neg),
+                                lambda_weight, cfg.reg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if (step + 1) % cfg.rau_every == 0:
+                rec.embedding.update_codes(adj, cfg.n_layers)
+        seconds += time.perf_counter() - start
+        epochs_run = epoch
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if validate and epoch % cfg.eval_every == 0:
+            score = evaluate_stored(export(rec, cfg.method, cfg), data, split="valid")["recall@20"]
+            if score > best_score:
+                best_score, best_state, best_epoch, stale = score, copy.deepcopy(rec.state_dict()), epoch, 0
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    break
+    if best_state is not None:
+        rec.load_state_dict(best_state)
+    else:
+        best_epoch = epochs_run
+    stored = export(rec, cfg.method, cfg)
+    metrics = evaluate_stored(stored, data, "test", progress=progress)
+    return TrainResult(stored, metrics, seconds + pre_seconds, epochs_run, best_epoch)

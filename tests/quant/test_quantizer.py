@@ -1,0 +1,43 @@
+import torch
+
+from gnaq_stream.quant.quantizer import dequantize, init_from_embedding, nearest_codes, rau_codes, rebin_codes
+
+
+def test_init_levels_and_codes_by_hand():
+    emb = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 0.9]])
+    levels, codes = init_from_embedding(emb, 2)
+    # [0, 4] in 4 intervals of width 1; levels at the interval centres
+    torch.testing.assert_close(levels, torch.tensor([[0.5, 1.5, 2.5, 3.5]]))
+    assert codes.tolist() == [[0, 1, 2, 3, 3, 0]]
+    torch.testing.assert_close(dequantize(levels, codes), torch.tensor([[0.5, 1.5, 2.5, 3.5, 3.5, 0.5]]))
+
+
+def test_one_bit_init():
+    levels, codes = init_from_embedding(torch.tensor([[-2.0, 2.0, 0.5]]), 1)
+    torch.testing.assert_close(levels, torch.tensor([[-1.0, 1.0]]))
+    assert codes.tolist() == [[0, 1, 1]]
+
+
+def test_constant_row_gets_code_zero():
+    assert rebin_codes(torch.ones(1, 3), 2).tolist() == [[0, 0, 0]]
+
+
+def test_nearest_codes_with_unsorted_levels():
+    levels = torch.tensor([[3.0, -1.0, 1.0]])
+    target = torch.tensor([[2.9, -5.0, 0.8, 1.9]])
+    assert nearest_codes(target, levels).tolist() == [[0, 1, 2, 2]]  # 1.9 is nearer 1.0 than 3.0
+
+
+def test_rau_moves_codes_only_through_aggregation():
+    levels = torch.tensor([[0.0, 1.0, 2.0, 3.0]] * 2)
+    codes = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]], dtype=torch.uint8)
+    latent = dequantize(levels, codes)
+    # node 0 has neighbours whose aggregate is reversed; node 1 has none (zero aggregate)
+    aggregate = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    has_neighbours = torch.tensor([True, False])
+    assert rau_codes(latent, aggregate, levels, 0.0, has_neighbours).tolist() == codes.tolist()
+    moved = rau_codes(latent, aggregate, levels, 1.0, has_neighbours)
+    assert moved[0].tolist() == [3, 2, 1, 0]
+    assert moved[1].tolist() == [0, 1, 2, 3]
+    half = rau_codes(latent, aggregate, levels, 0.5, has_neighbours)
+    assert half[1].tolist() == [0, 1, 2, 3]
