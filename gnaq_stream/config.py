@@ -23,7 +23,8 @@ class TrainConfig:
     reg: float = 1e-4
     n_negatives: int = 4
     lambda_weight: float = 1.0
-    rau_alpha: float = 0.25
+    rau_alpha: float = 0.5
+    rau_half_degree: float = 10.0
     rau_every: int = 1
     level_dtype: str = "fp8"
     eval_every: int = 1
@@ -41,6 +42,8 @@ class TrainConfig:
         check_bits(self.bits)
         check_level_dtype(self.level_dtype)
         method_spec(self.method)
+        if self.rau_half_degree <= 0:
+            raise ConfigError(f"rau_half_degree must be > 0, got {self.rau_half_degree}")
         if self.lambda_weight < 0 or self.lr <= 0 or self.qat_lr <= 0 or self.reg < 0:
             raise ConfigError("lambda_weight and reg must be >= 0, learning rates > 0")
 

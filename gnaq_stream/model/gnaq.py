@@ -11,7 +11,8 @@ from torch import nn
 from gnaq_stream.errors import ConfigError
 from gnaq_stream.model.lightgcn import propagate
 from gnaq_stream.quant.packing import check_bits, round_levels
-from gnaq_stream.quant.quantizer import dequantize, init_from_embedding, nearest_codes, rau_codes, rebin_codes
+from gnaq_stream.quant.quantizer import (dequantize, init_from_embedding, nearest_codes, neighbour_trust,
+                                        rau_codes, rebin_codes)
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,12 @@ class FullEmbedding(nn.Module):
 class QuantizedEmbedding(nn.Module):
     """Per node: 2^bits levels and D codes, initialised from a float table (see quant.quantizer)."""
 
-    def __init__(self, table: torch.Tensor, bits: int, spec: MethodSpec, rau_alpha: float = 0.5):
+    def __init__(self, table: torch.Tensor, bits: int, spec: MethodSpec, rau_alpha: float = 0.5,
+                 rau_half_degree: float = 10.0):
         super().__init__()
         check_bits(bits)
-        self.bits, self.spec, self.rau_alpha = bits, spec, rau_alpha
+        self.bits, self.spec = bits, spec
+        self.rau_alpha, self.rau_half_degree = rau_alpha, rau_half_degree
         table = table.detach().float()
         levels, codes = init_from_embedding(table, bits)
         if spec.code_rule == "rebin":
@@ -89,8 +92,8 @@ class QuantizedEmbedding(nn.Module):
             current = self.layer0()
             if self.spec.rau:
                 aggregate = torch.sparse.mm(adj, current)
-                has_neighbours = adj.crow_indices().diff() > 0
-                self.codes = rau_codes(self.latent, aggregate, self.levels, self.rau_alpha, has_neighbours)
+                mix = neighbour_trust(adj.crow_indices().diff(), self.rau_alpha, self.rau_half_degree)
+                self.codes = rau_codes(self.latent, aggregate, self.levels, mix)
             else:
                 self.codes = nearest_codes(self.latent, self.levels)
         elif self.spec.code_rule == "rebin":
@@ -112,8 +115,9 @@ class Recommender(nn.Module):
         return propagate(adj, self.embedding.layer0(), self.n_layers)
 
 
-def build_embedding(method: str, table: torch.Tensor, bits: int, rau_alpha: float) -> nn.Module:
+def build_embedding(method: str, table: torch.Tensor, bits: int, rau_alpha: float,
+                    rau_half_degree: float) -> nn.Module:
     spec = method_spec(method)
     if not spec.quantized:
         return FullEmbedding(table)
-    return QuantizedEmbedding(table, bits, spec, rau_alpha)
+    return QuantizedEmbedding(table, bits, spec, rau_alpha, rau_half_degree)

@@ -53,20 +53,28 @@ def dequantize(levels: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return levels.gather(1, codes.long())
 
 
-def rau_codes(latent: torch.Tensor, aggregate: torch.Tensor, levels: torch.Tensor, alpha: float,
-              has_neighbours: torch.Tensor) -> torch.Tensor:
+def rau_codes(latent: torch.Tensor, aggregate: torch.Tensor, levels: torch.Tensor,
+              mix: torch.Tensor) -> torch.Tensor:
     """Relational Aggregation Update.
 
-    target_i = (1 - alpha) * latent_i + alpha * rescale(aggregate_i), where the neighbour aggregate
-    is standardised to the node's own mean and spread so it moves codes by direction, not by scale
-    (a sum over neighbours is on another scale than one embedding). Mixing in the node's own latent
-    keeps codes from all drifting to the neighbourhood average (the collapse seen when codes are
-    re-derived from the propagated embedding alone). Nodes without neighbours use their latent only.
+    target_i = latent_i + mix_i * (rescale(aggregate_i) - latent_i), codes = nearest levels of the
+    target. The neighbour aggregate is standardised to the node's own mean and spread, so it moves
+    codes by direction, not by scale (a sum over neighbours is on another scale than one embedding).
+    Anchoring on the node's own latent keeps codes from all drifting to the neighbourhood average
+    (the collapse seen when codes are re-derived from the propagated embedding alone); `mix` (one
+    weight per node in [0, 1]) says how far each node trusts its neighbours over itself.
     """
     mu = latent.mean(dim=1, keepdim=True)
     sd = latent.std(dim=1, keepdim=True)
     agg_mu = aggregate.mean(dim=1, keepdim=True)
     agg_sd = aggregate.std(dim=1, keepdim=True).clamp_min(1e-12)
     rescaled = (aggregate - agg_mu) / agg_sd * sd + mu
-    target = torch.where(has_neighbours.unsqueeze(1), (1 - alpha) * latent + alpha * rescaled, latent)
+    target = latent + mix.unsqueeze(1) * (rescaled - latent)
     return nearest_codes(target, levels)
+
+
+def neighbour_trust(degree: torch.Tensor, alpha: float, half_degree: float) -> torch.Tensor:
+    """RAU mix weight per node: alpha for a node with few interactions, falling as
+    alpha * h / (h + degree) once its own interactions outnumber `half_degree`; 0 without neighbours."""
+    degree = degree.float()
+    return torch.where(degree > 0, alpha * half_degree / (half_degree + degree), torch.zeros_like(degree))

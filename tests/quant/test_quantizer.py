@@ -1,6 +1,8 @@
+import pytest
 import torch
 
-from gnaq_stream.quant.quantizer import dequantize, init_from_embedding, nearest_codes, rau_codes, rebin_codes
+from gnaq_stream.quant.quantizer import (dequantize, init_from_embedding, nearest_codes, neighbour_trust, rau_codes,
+                                        rebin_codes)
 
 
 def test_init_levels_and_codes_by_hand():
@@ -34,10 +36,22 @@ def test_rau_moves_codes_only_through_aggregation():
     latent = dequantize(levels, codes)
     # node 0 has neighbours whose aggregate is reversed; node 1 has none (zero aggregate)
     aggregate = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    has_neighbours = torch.tensor([True, False])
-    assert rau_codes(latent, aggregate, levels, 0.0, has_neighbours).tolist() == codes.tolist()
-    moved = rau_codes(latent, aggregate, levels, 1.0, has_neighbours)
-    assert moved[0].tolist() == [3, 2, 1, 0]
-    assert moved[1].tolist() == [0, 1, 2, 3]
-    half = rau_codes(latent, aggregate, levels, 0.5, has_neighbours)
-    assert half[1].tolist() == [0, 1, 2, 3]
+    degree = torch.tensor([4, 0])
+    assert rau_codes(latent, aggregate, levels, neighbour_trust(degree, 0.0, 10.0)).tolist() == codes.tolist()
+    moved = rau_codes(latent, aggregate, levels, neighbour_trust(degree, 1.0, 1e9))
+    assert moved.tolist() == [[3, 2, 1, 0], [0, 1, 2, 3]]
+
+
+def test_rau_rescales_the_aggregate_to_the_node():
+    levels = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    latent = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    aggregate = torch.tensor([[0.0, 10.0, 20.0, 30.0]])  # same direction, 10x the scale
+    assert rau_codes(latent, aggregate, levels, torch.tensor([1.0])).tolist() == [[0, 1, 2, 3]]
+
+
+def test_neighbour_trust_falls_with_degree():
+    trust = neighbour_trust(torch.tensor([0, 1, 10, 1000]), 0.5, 10.0)
+    assert trust[0] == 0.0
+    assert trust[1] == pytest.approx(0.5 * 10 / 11)
+    assert trust[2] == pytest.approx(0.25)
+    assert trust[3] < 0.01
