@@ -4,6 +4,8 @@ No pickle: safetensors holds raw tensors and JSON holds everything else, so load
 - full precision: tensor `embedding`, float32 (n_users + n_items, dim), users first
 - quantized: tensor `rows`, uint8 (n_users + n_items, row_bytes) in the packed row format of
   gnaq_stream.quant.packing
+- optional `edges`, int64 (E, 2): the (user, item) training edges, so a streaming learner started
+  from the checkpoint knows the graph the model was trained on
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class StoredModel:
     embedding: torch.Tensor | None = None
     codes: np.ndarray | None = None
     levels: torch.Tensor | None = None
+    edges: np.ndarray | None = None  # (E, 2) int64 training edges (user, item), for streaming starts
     extra: dict = field(default_factory=dict)
 
     @property
@@ -68,6 +71,8 @@ def save_checkpoint(model: StoredModel, out_dir: str | Path) -> Path:
     else:
         rows = pack_rows(model.codes, model.levels, model.bits, model.level_dtype)
         tensors = {"rows": torch.from_numpy(rows)}
+    if model.edges is not None:
+        tensors["edges"] = torch.from_numpy(np.ascontiguousarray(model.edges, dtype=np.int64))
     save_file(tensors, str(out / TENSOR_FILE))
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
@@ -119,6 +124,14 @@ def load_checkpoint(path: str | Path) -> StoredModel:
             model.codes, model.levels = unpack_rows(rows.numpy(), model.dim, model.bits, model.level_dtype)
     except (ValueError, TypeError, ConfigError) as exc:  # bits or level dtype outside what packing supports
         raise CheckpointError(f"{meta_path}: {exc}") from None
+    edges = tensors.get("edges")
+    if edges is not None:
+        if edges.dtype != torch.int64 or edges.ndim != 2 or edges.shape[1] != 2:
+            raise CheckpointError(f"{tensor_path}: 'edges' must be int64 of shape (E, 2)")
+        e = edges.numpy()
+        if len(e) and (e.min() < 0 or e[:, 0].max() >= model.n_users or e[:, 1].max() >= model.n_items):
+            raise CheckpointError(f"{tensor_path}: 'edges' refer to nodes outside the model")
+        model.edges = e
     if model.bits is not None and not torch.isfinite(model.levels).all():
         raise CheckpointError(f"{tensor_path}: non-finite levels")
     return model

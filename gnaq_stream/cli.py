@@ -9,7 +9,7 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from gnaq_stream.config import TrainConfig, env_defaults
+from gnaq_stream.config import ConsumerConfig, LearnerConfig, TrainConfig, env_defaults
 from gnaq_stream.errors import GnaqError
 from gnaq_stream.model.gnaq import METHODS
 from gnaq_stream.quant.packing import LEVEL_DTYPES, SUPPORTED_BITS
@@ -51,7 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", required=True)
     e.add_argument("--json", action="store_true")
     _add_data_dir(e)
+
+    c = sub.add_parser("consume", help="run the streaming learner on a Kafka topic of interaction events")
+    _add_config_flags(c, ConsumerConfig, required=("bootstrap_servers", "topic", "group", "store"))
+    _add_config_flags(c, LearnerConfig)
+    c.add_argument("--log-level", default="INFO")
+
+    s = sub.add_parser("store", help="look into an embedding store")
+    store_sub = s.add_subparsers(dest="store_command", required=True, parser_class=_Parser)
+    i = store_sub.add_parser("inspect", help="node counts, bytes, compression, offsets and model version")
+    i.add_argument("--store", required=True)
+    i.add_argument("--json", action="store_true")
     return parser
+
+
+def _add_config_flags(p: argparse.ArgumentParser, cls: type, required: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field; defaults from GNAQ_<FIELD> environment variables."""
+    env = env_defaults(cls)
+    for f in fields(cls):
+        default = env.get(f.name, f.default)
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=default,
+                       required=f.name in required and f.name not in env)
 
 
 def _report(result: dict, as_json: bool) -> None:
@@ -104,7 +124,36 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
              **_size_fields(model), "train_seconds": model.extra.get("train_seconds", 0.0)}, args.json)
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate}
+def _config(cls: type, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def cmd_consume(args: argparse.Namespace) -> None:
+    import logging
+
+    from gnaq_stream.stream.consumer import StreamConsumer, install_signal_handlers
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO lines drown ours
+    consumer = StreamConsumer(_config(ConsumerConfig, args), _config(LearnerConfig, args))
+    if args.metrics_port:
+        consumer.metrics.serve(args.metrics_port, args.metrics_host)
+    install_signal_handlers(consumer)
+    consumed = consumer.run()
+    logging.getLogger("gnaq_stream.consume").info("stopped after %d messages", consumed)
+
+
+def cmd_store(args: argparse.Namespace) -> None:
+    from gnaq_stream.store.embedding_store import inspect_store
+
+    info = inspect_store(args.store)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        _report(info, False)
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "consume": cmd_consume, "store": cmd_store}
 
 
 def main(argv: list[str] | None = None) -> int:

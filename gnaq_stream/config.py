@@ -61,3 +61,60 @@ def env_defaults(cls: type, prefix: str = "GNAQ_") -> dict[str, object]:
         except ValueError:
             raise ConfigError(f"{prefix}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
     return found
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """Streaming learner: model shape for an empty start, refinement and prequential evaluation."""
+
+    dim: int = 64
+    bits: int = 2
+    level_dtype: str = "fp8"
+    n_layers: int = 3
+    refine_steps: int = 2
+    refine_lr: float = 5e-3
+    refine_budget_seconds: float = 0.5
+    neighbour_samples: int = 10
+    n_negatives: int = 4
+    lambda_weight: float = 1.0
+    reg: float = 1e-4
+    rau_alpha: float = 0.5
+    rau_half_degree: float = 10.0
+    prequential_sample: float = 0.2
+    prequential_window: int = 10000
+    refresh_seconds: float = 10.0
+    seed: int = 2025
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        check_level_dtype(self.level_dtype)
+        if self.refine_steps < 0 or self.neighbour_samples < 1 or self.n_negatives < 1:
+            raise ConfigError("refine_steps must be >= 0, neighbour_samples and n_negatives >= 1")
+        if not 0.0 <= self.prequential_sample <= 1.0:
+            raise ConfigError(f"prequential_sample must be in [0, 1], got {self.prequential_sample}")
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    """Kafka side of `gnaq-stream consume`."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = "interactions"
+    group: str = "gnaq-learner"
+    store: str = "gnaq-store"
+    checkpoint: str = ""
+    dlq_topic: str = ""
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    micro_batch_size: int = 2000
+    max_wait_seconds: float = 0.5
+    max_message_bytes: int = 4096
+    max_events: int = 0
+    idle_exit: float = 0.0
+    session_timeout_ms: int = 10000
+    heartbeat_interval_ms: int = 3000
+    fetch_max_bytes: int = 8 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1 or self.max_wait_seconds <= 0 or self.max_message_bytes < 64:
+            raise ConfigError("micro_batch_size >= 1, max_wait_seconds > 0, max_message_bytes >= 64 required")

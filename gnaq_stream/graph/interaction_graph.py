@@ -34,3 +34,90 @@ def normalized_adjacency(n_users: int, n_items: int, users: np.ndarray, items: n
         torch.from_numpy(csr.data),
         size=(n, n),
     )
+
+
+class IdMap:
+    """External ids (strings) <-> dense internal indices, in order of first appearance."""
+
+    def __init__(self, external: list[str] | None = None):
+        self.external: list[str] = list(external or [])
+        self.index: dict[str, int] = {e: i for i, e in enumerate(self.external)}
+
+    def __len__(self) -> int:
+        return len(self.external)
+
+    def get(self, ext: str) -> int | None:
+        return self.index.get(ext)
+
+    def add(self, ext: str) -> int:
+        """Index of `ext`, appending it when unseen."""
+        idx = self.index.get(ext)
+        if idx is None:
+            idx = self.index[ext] = len(self.external)
+            self.external.append(ext)
+        return idx
+
+
+class InteractionGraph:
+    """A growable bipartite graph: id maps, adjacency lists, degrees and per-edge event counts.
+
+    Adding an event costs O(1) (dict and list appends); the normalised adjacency of the whole graph
+    is built on demand (`normalized_adjacency`), and refinement uses small sampled subgraphs.
+    """
+
+    def __init__(self) -> None:
+        self.users, self.items = IdMap(), IdMap()
+        self.user_items: list[list[int]] = []
+        self.item_users: list[list[int]] = []
+        self.edge_events: dict[int, int] = {}  # key u << 32 | i -> number of events on that edge
+        self.n_events = 0
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    @property
+    def n_edges(self) -> int:
+        return len(self.edge_events)
+
+    def add_user(self, ext: str) -> int:
+        idx = self.users.add(ext)
+        if idx == len(self.user_items):
+            self.user_items.append([])
+        return idx
+
+    def add_item(self, ext: str) -> int:
+        idx = self.items.add(ext)
+        if idx == len(self.item_users):
+            self.item_users.append([])
+        return idx
+
+    def add_interaction(self, user: int, item: int, events: int = 1) -> bool:
+        """Record `events` interactions on (user, item); True when the edge is new."""
+        key = user << 32 | item
+        count = self.edge_events.get(key)
+        self.edge_events[key] = (count or 0) + events
+        self.n_events += events
+        if count is None:
+            self.user_items[user].append(item)
+            self.item_users[item].append(user)
+            return True
+        return False
+
+    def user_degrees(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.user_items), dtype=np.int64, count=self.n_users)
+
+    def item_degrees(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.item_users), dtype=np.int64, count=self.n_items)
+
+    def edge_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        keys = np.fromiter(self.edge_events.keys(), dtype=np.int64, count=self.n_edges)
+        return keys >> 32, keys & 0xFFFFFFFF
+
+    def normalized_adjacency(self) -> torch.Tensor:
+        users, items = self.edge_arrays()
+        return normalized_adjacency(self.n_users, self.n_items, users, items)

@@ -15,7 +15,7 @@ from gnaq_stream.checkpoint import StoredModel
 from gnaq_stream.config import TrainConfig
 from gnaq_stream.data.datasets import InteractionData
 from gnaq_stream.errors import ConfigError
-from gnaq_stream.graph.interaction_graph import normalized_adjacency
+from gnaq_stream.graph.interaction_graph import normalized_adjacency, unique_edges
 from gnaq_stream.model.lightgcn import propagate
 from gnaq_stream.model.gnaq import QuantizedEmbedding, Recommender, build_embedding, method_spec
 from gnaq_stream.model.losses import bpr_loss, lambda_loss
@@ -79,10 +79,11 @@ class TrainResult:
         return self.train_seconds / max(self.epochs_run, 1)
 
 
-def export(rec: Recommender, method: str, cfg: TrainConfig) -> StoredModel:
+def export(rec: Recommender, method: str, cfg: TrainConfig, edges: np.ndarray | None = None) -> StoredModel:
     """The model as it will be stored: quantized methods keep only codes + levels in the level dtype."""
     emb = rec.embedding
-    common = dict(method=method, n_users=rec.n_users, n_items=rec.n_items, dim=cfg.dim, n_layers=cfg.n_layers)
+    common = dict(method=method, n_users=rec.n_users, n_items=rec.n_items, dim=cfg.dim, n_layers=cfg.n_layers,
+                  edges=edges)
     if not isinstance(emb, QuantizedEmbedding):
         return StoredModel(**common, embedding=emb.layer0().detach().clone())
     emb.layer0()  # the STE rule refreshes codes from its latent here
@@ -168,6 +169,6 @@ def train(data: InteractionData, cfg: TrainConfig, init: torch.Tensor | None = N
         rec.load_state_dict(best_state)
     else:
         best_epoch = epochs_run
-    stored = export(rec, cfg.method, cfg)
+    stored = export(rec, cfg.method, cfg, np.stack(unique_edges(data.train.users, data.train.items, data.n_items), 1))
     metrics = evaluate_stored(stored, data, "test", progress=progress)
     return TrainResult(stored, metrics, seconds + pre_seconds, epochs_run, best_epoch)

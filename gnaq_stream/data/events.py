@@ -1,0 +1,90 @@
+"""Interaction events on the wire: schema, strict validation and encoding.
+
+One Kafka message per interaction, a JSON object:
+    {"user": ID, "item": ID, "ts": unix_seconds, "event_id": ID (optional), "weight": number (optional)}
+IDs are non-empty strings or integers (an integer and its decimal string name the same node).
+Validation lives here only; every rejection carries a reason from `REJECTION_REASONS`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+REJECTION_REASONS = ("too_large", "invalid_json", "not_an_object", "missing_field", "wrong_type",
+                     "bad_timestamp", "bad_weight")
+DEFAULT_MAX_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class Event:
+    user: str
+    item: str
+    ts: float
+    event_id: str | None = None
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str
+    detail: str
+
+
+def _as_id(value: object) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str) and value and len(value) <= 256:
+        return value
+    return None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_event(raw: bytes | None, max_bytes: int = DEFAULT_MAX_BYTES) -> Event | Rejection:
+    """Validate one message value; never raises."""
+    if raw is None:
+        return Rejection("missing_field", "empty message (null value)")
+    if len(raw) > max_bytes:
+        return Rejection("too_large", f"{len(raw)} bytes > limit {max_bytes}")
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        return Rejection("invalid_json", str(exc)[:200])
+    if not isinstance(obj, dict):
+        return Rejection("not_an_object", f"JSON {type(obj).__name__}, expected an object")
+    missing = [k for k in ("user", "item", "ts") if k not in obj]
+    if missing:
+        return Rejection("missing_field", f"missing {', '.join(missing)}")
+    user, item = _as_id(obj["user"]), _as_id(obj["item"])
+    if user is None or item is None:
+        field = "user" if user is None else "item"
+        return Rejection("wrong_type", f"{field} must be a non-empty string (<= 256 chars) or an integer")
+    ts = obj["ts"]
+    if not _is_number(ts):
+        return Rejection("wrong_type", "ts must be a number (unix seconds)")
+    if not math.isfinite(ts) or ts < 0:
+        return Rejection("bad_timestamp", f"ts {ts!r} is not a finite, non-negative unix time")
+    event_id = obj.get("event_id")
+    if event_id is not None and _as_id(event_id) is None:
+        return Rejection("wrong_type", "event_id must be a non-empty string or an integer")
+    weight = obj.get("weight", 1.0)
+    if not _is_number(weight):
+        return Rejection("wrong_type", "weight must be a number")
+    if not math.isfinite(weight) or weight < 0:
+        return Rejection("bad_weight", f"weight {weight!r} is not finite and non-negative")
+    return Event(user, item, float(ts), _as_id(event_id) if event_id is not None else None, float(weight))
+
+
+def encode_event(event: Event) -> bytes:
+    obj: dict[str, object] = {"user": event.user, "item": event.item, "ts": event.ts}
+    if event.event_id is not None:
+        obj["event_id"] = event.event_id
+    if event.weight != 1.0:
+        obj["weight"] = event.weight
+    return json.dumps(obj, separators=(",", ":")).encode()

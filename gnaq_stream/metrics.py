@@ -1,0 +1,49 @@
+"""Every Prometheus metric of the project, defined once. Labels have bounded cardinality."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from gnaq_stream.data.events import REJECTION_REASONS
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class LearnerMetrics:
+    """Metrics of `gnaq-stream consume`, on their own registry (no process-global state)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = r = registry or CollectorRegistry()
+        self.events_consumed = Counter("gnaq_events_consumed_total", "Messages read from the interactions topic",
+                                       registry=r)
+        self.events_applied = Counter("gnaq_events_applied_total", "Valid events applied to the model", registry=r)
+        self.events_rejected = Counter("gnaq_events_rejected_total", "Messages sent to the dead-letter topic",
+                                       ["reason"], registry=r)
+        for reason in REJECTION_REASONS:
+            self.events_rejected.labels(reason)
+        self.micro_batch_seconds = Histogram("gnaq_micro_batch_seconds", "Wall time to apply and persist a micro-batch",
+                                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.refine_seconds = Histogram("gnaq_refine_seconds", "Wall time of a micro-batch's refinement pass",
+                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self.freshness_seconds = Histogram("gnaq_freshness_seconds",
+                                           "Kafka record timestamp to the event being applied and stored",
+                                           buckets=_LATENCY_BUCKETS, registry=r)
+        self.consumer_lag = Gauge("gnaq_consumer_lag_messages", "High-water mark minus position", ["partition"],
+                                  registry=r)
+        self.nodes = Gauge("gnaq_nodes", "Nodes in the graph", ["kind"], registry=r)
+        self.edges = Gauge("gnaq_edges", "Distinct user-item edges in the graph", registry=r)
+        self.model_bytes = Gauge("gnaq_model_bytes", "Bytes of packed codes and levels for all nodes", registry=r)
+        self.fp32_bytes = Gauge("gnaq_model_fp32_bytes", "Bytes the same embeddings would take in float32",
+                                registry=r)
+        self.compression = Gauge("gnaq_compression_ratio", "fp32 bytes / model bytes", registry=r)
+        self.model_version = Gauge("gnaq_model_version", "Micro-batches applied since the store was created",
+                                   registry=r)
+        self.recall = Gauge("gnaq_stream_recall_at_k", "Prequential Recall@K over the sliding window", ["k"],
+                            registry=r)
+        self.ndcg = Gauge("gnaq_stream_ndcg_at_k", "Prequential NDCG@K over the sliding window", ["k"], registry=r)
+        self.prequential_events = Gauge("gnaq_stream_prequential_events", "Events in the prequential window",
+                                        registry=r)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        """Expose /metrics over HTTP (loopback unless told otherwise)."""
+        start_http_server(port, addr=host, registry=self.registry)

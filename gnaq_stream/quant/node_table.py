@@ -1,0 +1,73 @@
+"""A growable table of quantized nodes (one per node kind): levels, codes, float latent, version."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gnaq_stream.quant.packing import pack_rows, round_levels, unpack_rows
+from gnaq_stream.quant.quantizer import dequantize, init_from_embedding
+
+
+class NodeTable:
+    """Rows 0..n-1 hold nodes; capacity doubles as nodes arrive so appends stay amortised O(1).
+
+    `latent` is the training-time float shadow of each node (offline `gnaq` keeps the same one); it is
+    not stored: a table loaded from packed rows starts with latent = dequantised embedding.
+    """
+
+    def __init__(self, dim: int, bits: int, level_dtype: str, capacity: int = 1024):
+        self.dim, self.bits, self.level_dtype = dim, bits, level_dtype
+        self.n = 0
+        self.levels = torch.zeros(capacity, 1 << bits)
+        self.codes = torch.zeros(capacity, dim, dtype=torch.uint8)
+        self.latent = torch.zeros(capacity, dim)
+        self.version = np.zeros(capacity, dtype=np.int64)
+
+    def _reserve(self, n: int) -> None:
+        cap = self.levels.shape[0]
+        if n <= cap:
+            return
+        new_cap = max(n, 2 * cap)
+        for name in ("levels", "codes", "latent"):
+            old = getattr(self, name)
+            grown = torch.zeros((new_cap, *old.shape[1:]), dtype=old.dtype)
+            grown[:cap] = old
+            setattr(self, name, grown)
+        self.version = np.concatenate([self.version, np.zeros(new_cap - cap, dtype=np.int64)])
+
+    def append(self, embeddings: torch.Tensor, version: int) -> np.ndarray:
+        """Add nodes initialised from float embeddings exactly as offline GNAQ does; their indices."""
+        k = embeddings.shape[0]
+        self._reserve(self.n + k)
+        idx = np.arange(self.n, self.n + k)
+        levels, codes = init_from_embedding(embeddings, self.bits)
+        self.levels[self.n:self.n + k] = round_levels(levels, self.level_dtype)
+        self.codes[self.n:self.n + k] = codes
+        self.latent[self.n:self.n + k] = embeddings
+        self.version[idx] = version
+        self.n += k
+        return idx
+
+    def load_rows(self, rows: np.ndarray, versions: np.ndarray) -> None:
+        """Replace the table with packed rows (the store's and checkpoint's format)."""
+        codes, levels = unpack_rows(rows, self.dim, self.bits, self.level_dtype)
+        self.load(codes, levels, versions)
+
+    def load(self, codes: np.ndarray, levels: torch.Tensor, versions: np.ndarray) -> None:
+        """Replace the table with unpacked codes and levels."""
+        self.n = 0
+        self._reserve(len(codes))
+        self.n = len(codes)
+        self.levels[:self.n] = levels
+        self.codes[:self.n] = torch.from_numpy(codes)
+        self.latent[:self.n] = dequantize(levels, torch.from_numpy(codes))
+        self.version[:self.n] = versions
+
+    def embeddings(self, idx: np.ndarray | slice | None = None) -> torch.Tensor:
+        """Dequantised layer-0 embeddings (all nodes when idx is None)."""
+        sel = slice(0, self.n) if idx is None else idx
+        return dequantize(self.levels[sel], self.codes[sel])
+
+    def packed(self, idx: np.ndarray) -> np.ndarray:
+        return pack_rows(self.codes[idx].numpy(), self.levels[idx], self.bits, self.level_dtype)

@@ -1,0 +1,200 @@
+"""The learner's on-disk state in RocksDB (rocksdict, raw bytes), written once per micro-batch.
+
+Resume contract: each micro-batch is one atomic WriteBatch holding the changed node rows, the id-map
+additions, the edge event counts and the next Kafka offset of every partition it consumed. After a
+crash the store is exactly the state after some micro-batch, and reading resumes from the offsets
+stored with it, so no event is lost or applied twice.
+
+Keys (integers big-endian so keys sort by index):
+    b"Mmodel"                      JSON: dim, bits, level_dtype, n_layers, format
+    b"Mstate"                      JSON: version, n_users, n_items, n_edges, n_events
+    b"U" + u32 idx / b"I" + u32    node row: u64 LE version + packed row (gnaq_stream.quant.packing)
+    b"u" + u32 idx / b"i" + u32    external id (UTF-8) of a user / item
+    b"Nu" / b"Ni" + external id    u32 BE internal index (lookup by external id)
+    b"E" + u32 user + u32 item     u32 LE number of events on the edge
+    b"O" + topic + b"\\0" + u32     i64 LE next offset to read in that partition
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+from rocksdict import AccessType, Options, Rdict, WriteBatch
+
+from gnaq_stream.config import LearnerConfig
+from gnaq_stream.errors import GnaqError
+from gnaq_stream.graph.interaction_graph import InteractionGraph
+from gnaq_stream.quant.node_table import NodeTable
+from gnaq_stream.quant.packing import code_bytes, level_bytes, row_bytes
+from gnaq_stream.stream.learner import BatchResult, StreamLearner
+
+STORE_FORMAT = "gnaq-stream-store/1"
+_U32 = struct.Struct(">I")
+_VERSION = struct.Struct("<Q")
+_OFFSET = struct.Struct("<q")
+_COUNT = struct.Struct("<I")
+
+
+class StoreError(GnaqError):
+    """The store cannot be opened or does not match the model."""
+
+
+def encode_row(version: int, packed: bytes) -> bytes:
+    """A stored node row: the model version that last changed it, then the packed codes + levels."""
+    return _VERSION.pack(version) + packed
+
+
+def decode_row(value: bytes) -> tuple[int, bytes]:
+    return _VERSION.unpack_from(value)[0], value[_VERSION.size:]
+
+
+def offset_key(topic: str, partition: int) -> bytes:
+    return b"O" + topic.encode() + b"\0" + _U32.pack(partition)
+
+
+def _scan(db: Rdict, prefix: bytes):
+    it = db.iter()
+    it.seek(prefix)
+    while it.valid() and it.key().startswith(prefix):
+        yield it.key(), it.value()
+        it.next()
+
+
+class EmbeddingStore:
+    """Single-writer store; other processes open it with `read_only=True` (a snapshot)."""
+
+    def __init__(self, path: str | Path, read_only: bool = False):
+        self.path = Path(path)
+        if read_only and not (self.path / "CURRENT").exists():
+            raise StoreError(f"{self.path}: no store here")
+        try:
+            access = AccessType.read_only() if read_only else AccessType.read_write()
+            self.db = Rdict(str(self.path), options=Options(raw_mode=True), access_type=access)
+        except Exception as exc:  # rocksdict raises plain Exception subclasses without a public base
+            raise StoreError(f"{self.path}: cannot open store ({exc})") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "EmbeddingStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _json(self, key: bytes) -> dict | None:
+        raw = self.db.get(key)
+        return None if raw is None else json.loads(raw)
+
+    def model_meta(self) -> dict | None:
+        return self._json(b"Mmodel")
+
+    def state_meta(self) -> dict:
+        return self._json(b"Mstate") or {"version": 0, "n_users": 0, "n_items": 0, "n_edges": 0, "n_events": 0}
+
+    def offsets(self) -> dict[tuple[str, int], int]:
+        out = {}
+        for key, value in _scan(self.db, b"O"):
+            topic, part = key[1:-5].decode(), _U32.unpack(key[-4:])[0]
+            out[(topic, part)] = _OFFSET.unpack(value)[0]
+        return out
+
+    def is_empty(self) -> bool:
+        return self.model_meta() is None
+
+    # ---- writing --------------------------------------------------------------------------------
+
+    def write_initial(self, learner: StreamLearner) -> None:
+        """Write a freshly started learner (e.g. from a checkpoint) in full, with no offsets."""
+        g = learner.graph
+        result = BatchResult(learner.version, 0, new_users=list(g.users.external), new_items=list(g.items.external),
+                             edge_events=dict(g.edge_events), changed_users=np.arange(g.n_users),
+                             changed_items=np.arange(g.n_items))
+        self.write_batch(learner, result, {}, first_user=0, first_item=0)
+
+    def write_batch(self, learner: StreamLearner, result: BatchResult, offsets: dict[tuple[str, int], int],
+                    first_user: int | None = None, first_item: int | None = None) -> None:
+        """One atomic WriteBatch: changed rows, new ids, edge counts, offsets, counters."""
+        g, cfg = learner.graph, learner.cfg
+        wb = WriteBatch(raw_mode=True)
+        wb.put(b"Mmodel", json.dumps({"format": STORE_FORMAT, "dim": cfg.dim, "bits": cfg.bits,
+                                      "level_dtype": cfg.level_dtype, "n_layers": cfg.n_layers}).encode())
+        first_user = g.n_users - len(result.new_users) if first_user is None else first_user
+        first_item = g.n_items - len(result.new_items) if first_item is None else first_item
+        for kind, first, names in ((b"u", first_user, result.new_users), (b"i", first_item, result.new_items)):
+            for k, ext in enumerate(names):
+                idx = _U32.pack(first + k)
+                wb.put(kind + idx, ext.encode())
+                wb.put(b"N" + kind + ext.encode(), idx)
+        for prefix, table, idx in ((b"U", learner.users, result.changed_users),
+                                   (b"I", learner.items, result.changed_items)):
+            if len(idx):
+                rows = table.packed(idx)
+                for j, node in enumerate(idx.tolist()):
+                    wb.put(prefix + _U32.pack(node), encode_row(int(table.version[node]), rows[j].tobytes()))
+        for key, count in result.edge_events.items():
+            wb.put(b"E" + _U32.pack(key >> 32) + _U32.pack(key & 0xFFFFFFFF), _COUNT.pack(count))
+        for (topic, part), offset in offsets.items():
+            wb.put(offset_key(topic, part), _OFFSET.pack(offset))
+        wb.put(b"Mstate", json.dumps({"version": learner.version, "n_users": g.n_users, "n_items": g.n_items,
+                                      "n_edges": g.n_edges, "n_events": g.n_events}).encode())
+        self.db.write(wb)
+
+    # ---- reading --------------------------------------------------------------------------------
+
+    def load_learner(self, cfg: LearnerConfig) -> StreamLearner:
+        """Rebuild the learner's in-memory state from the store (latent = dequantised embedding)."""
+        meta = self.model_meta()
+        if meta is None:
+            raise StoreError(f"{self.path}: empty store")
+        if meta.get("format") != STORE_FORMAT:
+            raise StoreError(f"{self.path}: unknown store format {meta.get('format')!r}")
+        cfg = LearnerConfig(**{**cfg.__dict__, **{k: meta[k] for k in ("dim", "bits", "level_dtype", "n_layers")}})
+        state = self.state_meta()
+        graph = InteractionGraph()
+        for kind, add in ((b"u", graph.add_user), (b"i", graph.add_item)):
+            for k, (key, value) in enumerate(_scan(self.db, kind)):
+                if _U32.unpack(key[1:])[0] != k:
+                    raise StoreError(f"{self.path}: id map {kind.decode()} has a gap at {k}")
+                add(value.decode())
+        for key, value in _scan(self.db, b"E"):
+            graph.add_interaction(_U32.unpack(key[1:5])[0], _U32.unpack(key[5:9])[0], _COUNT.unpack(value)[0])
+        tables = []
+        for prefix, n in ((b"U", graph.n_users), (b"I", graph.n_items)):
+            table = NodeTable(cfg.dim, cfg.bits, cfg.level_dtype, capacity=max(n, 1024))
+            width = row_bytes(cfg.dim, cfg.bits, cfg.level_dtype)
+            rows, versions = np.zeros((n, width), dtype=np.uint8), np.zeros(n, dtype=np.int64)
+            seen = 0
+            for key, value in _scan(self.db, prefix):
+                idx = _U32.unpack(key[1:])[0]
+                versions[idx], packed = decode_row(value)
+                rows[idx] = np.frombuffer(packed, dtype=np.uint8)
+                seen += 1
+            if seen != n:
+                raise StoreError(f"{self.path}: {seen} rows for {n} {prefix.decode()} nodes")
+            table.load_rows(rows, versions)
+            tables.append(table)
+        return StreamLearner(cfg, graph, tables[0], tables[1], version=state["version"])
+
+
+def inspect_store(path: str | Path) -> dict:
+    """Counts, bytes and offsets of a store, read from a read-only snapshot (safe while a learner runs)."""
+    with EmbeddingStore(path, read_only=True) as store:
+        meta = store.model_meta()
+        if meta is None:
+            raise StoreError(f"{path}: empty store")
+        state = store.state_meta()
+        n_nodes = state["n_users"] + state["n_items"]
+        dim, bits, dtype = meta["dim"], meta["bits"], meta["level_dtype"]
+        codes, levels = n_nodes * code_bytes(dim, bits), n_nodes * level_bytes(bits, dtype)
+        fp32 = n_nodes * dim * 4
+        return {
+            "users": state["n_users"], "items": state["n_items"], "nodes": n_nodes, "edges": state["n_edges"],
+            "events": state["n_events"], "model_version": state["version"], "dim": dim, "bits": bits,
+            "level_dtype": dtype, "bytes_codes": codes, "bytes_levels": levels, "bytes_model": codes + levels,
+            "bytes_fp32": fp32, "compression": fp32 / (codes + levels) if n_nodes else None,
+            "offsets": {f"{t}:{p}": o for (t, p), o in sorted(store.offsets().items())},
+        }

@@ -1,0 +1,221 @@
+"""The streaming learner: applies micro-batches of events to the graph and the quantized model.
+
+`apply_micro_batch` = add edges -> initialise new nodes from their neighbourhood -> a short RAU
+refinement pass on the touched subgraph. It uses the offline model's pieces unchanged: the same
+propagation, losses, quantizer initialisation and RAU code rule.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from gnaq_stream.checkpoint import StoredModel
+from gnaq_stream.config import LearnerConfig
+from gnaq_stream.data.events import Event
+from gnaq_stream.graph.interaction_graph import InteractionGraph
+from gnaq_stream.model.lightgcn import propagate
+from gnaq_stream.quant.node_table import NodeTable
+from gnaq_stream.quant.packing import round_levels
+from gnaq_stream.quant.quantizer import dequantize, neighbour_trust, rau_codes
+from gnaq_stream.train.trainer import ranking_loss
+
+
+@dataclass
+class BatchResult:
+    """What one micro-batch changed: everything the store must write for it."""
+
+    version: int
+    events: int
+    new_users: list[str] = field(default_factory=list)
+    new_items: list[str] = field(default_factory=list)
+    edge_events: dict[int, int] = field(default_factory=dict)  # edge key -> total events after the batch
+    changed_users: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    changed_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    refine_seconds: float = 0.0
+    refine_steps: int = 0
+
+
+class StreamLearner:
+    def __init__(self, cfg: LearnerConfig, graph: InteractionGraph | None = None,
+                 users: NodeTable | None = None, items: NodeTable | None = None, version: int = 0):
+        self.cfg = cfg
+        self.graph = graph or InteractionGraph()
+        self.users = users or NodeTable(cfg.dim, cfg.bits, cfg.level_dtype)
+        self.items = items or NodeTable(cfg.dim, cfg.bits, cfg.level_dtype)
+        self.version = version
+        self.rng = np.random.default_rng(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.final_users = torch.zeros(0, cfg.dim)
+        self.final_items = torch.zeros(0, cfg.dim)
+        self.refreshed_at = float("-inf")
+
+    @classmethod
+    def from_checkpoint(cls, model: StoredModel, cfg: LearnerConfig) -> "StreamLearner":
+        """Start from an offline checkpoint: node k of each kind gets the external id str(k), and the
+        checkpoint's training edges become the graph. A float checkpoint is quantized as GNAQ does."""
+        cfg = LearnerConfig(**{**cfg.__dict__, "dim": model.dim, "n_layers": model.n_layers,
+                               **({"bits": model.bits, "level_dtype": model.level_dtype} if model.bits else {})})
+        learner = cls(cfg)
+        g = learner.graph
+        for k in range(model.n_users):
+            g.add_user(str(k))
+        for k in range(model.n_items):
+            g.add_item(str(k))
+        if model.edges is not None:
+            for u, i in model.edges.tolist():
+                g.add_interaction(u, i)
+        if model.bits is None:
+            learner.users.append(model.embedding[:model.n_users], 0)
+            learner.items.append(model.embedding[model.n_users:], 0)
+        else:
+            nu = model.n_users
+            learner.users.load(model.codes[:nu], model.levels[:nu], np.zeros(nu, dtype=np.int64))
+            learner.items.load(model.codes[nu:], model.levels[nu:], np.zeros(model.n_items, dtype=np.int64))
+        return learner
+
+    # ---- evaluation support -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def refresh_final_embeddings(self, force: bool = False) -> None:
+        """Full LightGCN propagation of the whole graph, at most every `refresh_seconds` (amortised)."""
+        now = time.monotonic()
+        if not force and now - self.refreshed_at < self.cfg.refresh_seconds:
+            return
+        layer0 = torch.cat([self.users.embeddings(), self.items.embeddings()])
+        final = propagate(self.graph.normalized_adjacency(), layer0, self.cfg.n_layers)
+        self.final_users, self.final_items = final[:self.graph.n_users], final[self.graph.n_users:]
+        self.refreshed_at = now
+
+    # ---- the micro-batch ------------------------------------------------------------------------
+
+    def apply_micro_batch(self, events: list[Event]) -> BatchResult:
+        """Add the events' edges, initialise new nodes, refine the touched subgraph."""
+        self.version += 1
+        g = self.graph
+        result = BatchResult(self.version, len(events))
+        n_users0, n_items0 = g.n_users, g.n_items
+        users = np.empty(len(events), dtype=np.int64)
+        items = np.empty(len(events), dtype=np.int64)
+        for k, ev in enumerate(events):
+            u, i = g.add_user(ev.user), g.add_item(ev.item)
+            g.add_interaction(u, i)
+            users[k], items[k] = u, i
+            key = u << 32 | i
+            result.edge_events[key] = g.edge_events[key]
+        result.new_users = g.users.external[n_users0:]
+        result.new_items = g.items.external[n_items0:]
+        self._init_new_nodes(n_users0, n_items0)
+        if len(events) and self.cfg.refine_steps > 0:
+            result.changed_users, result.changed_items, result.refine_steps = self._refine(users, items)
+        changed_u = np.union1d(result.changed_users, np.arange(n_users0, g.n_users))
+        changed_i = np.union1d(result.changed_items, np.arange(n_items0, g.n_items))
+        result.changed_users, result.changed_items = changed_u, changed_i
+        self.users.version[changed_u] = self.version
+        self.items.version[changed_i] = self.version
+        return result
+
+    def _neighbour_mean(self, neighbours: list[int], table: NodeTable, two_hop: list[list[int]],
+                        two_hop_table: NodeTable) -> torch.Tensor | None:
+        cap = self.cfg.neighbour_samples
+        one = [n for n in neighbours if n < table.n]
+        if not one:
+            return None
+        if len(one) > cap:
+            one = self.rng.choice(one, cap, replace=False).tolist()
+        second = [m for n in one for m in two_hop[n][:cap] if m < two_hop_table.n]
+        parts = [table.embeddings(np.array(one))]
+        if second:
+            parts.append(two_hop_table.embeddings(np.array(second)))
+        return torch.cat(parts).mean(0)
+
+    def _prior(self, table: NodeTable) -> torch.Tensor:
+        """Global prior for a node with no embedded neighbours: the kind's mean plus small noise."""
+        base = table.embeddings().mean(0) if table.n else torch.zeros(self.cfg.dim)
+        return base + 0.1 * torch.randn(self.cfg.dim, generator=self.gen)
+
+    def _init_new_nodes(self, n_users0: int, n_items0: int) -> None:
+        """Embedding of a new node = mean of its embedded 1- and 2-hop neighbours, then GNAQ init."""
+        g = self.graph
+        new_users = []
+        for u in range(n_users0, g.n_users):
+            emb = self._neighbour_mean(g.user_items[u], self.items, g.item_users, self.users)
+            new_users.append(emb if emb is not None else self._prior(self.users))
+        if new_users:
+            self.users.append(torch.stack(new_users), self.version)
+        new_items = []
+        for i in range(n_items0, g.n_items):
+            emb = self._neighbour_mean(g.item_users[i], self.users, g.user_items, self.items)
+            new_items.append(emb if emb is not None else self._prior(self.items))
+        if new_items:
+            self.items.append(torch.stack(new_items), self.version)
+
+    def _subgraph(self, users: np.ndarray, items: np.ndarray, negatives: np.ndarray):
+        """Touched nodes, a sample of their neighbours and the negatives, with the edges among them
+        that refinement sees, normalised by global degrees (so a node's scale matches the full graph)."""
+        g, cap, rng = self.graph, self.cfg.neighbour_samples, self.rng
+        eu, ei = [users], [items]
+        for u in np.unique(users).tolist():
+            nb = g.user_items[u]
+            picked = nb if len(nb) <= cap else rng.choice(nb, cap, replace=False)
+            eu.append(np.full(len(picked), u))
+            ei.append(np.asarray(picked, dtype=np.int64))
+        for i in np.unique(items).tolist():
+            nb = g.item_users[i]
+            picked = nb if len(nb) <= cap else rng.choice(nb, cap, replace=False)
+            eu.append(np.asarray(picked, dtype=np.int64))
+            ei.append(np.full(len(picked), i))
+        keys = np.unique(np.concatenate(eu) << 32 | np.concatenate(ei))
+        su, si = keys >> 32, keys & 0xFFFFFFFF
+        local_u = np.unique(su)
+        local_i = np.unique(np.concatenate([si, negatives.ravel()]))
+        lu, li = np.searchsorted(local_u, su), np.searchsorted(local_i, si)
+        du = np.array([len(g.user_items[u]) for u in local_u.tolist()], dtype=np.float64)
+        di = np.array([len(g.item_users[i]) for i in local_i.tolist()], dtype=np.float64)
+        w = (1.0 / np.sqrt(np.maximum(du[lu], 1) * np.maximum(di[li], 1))).astype(np.float32)
+        n_u, n = len(local_u), len(local_u) + len(local_i)
+        m = sp.csr_matrix((np.r_[w, w], (np.r_[lu, li + n_u], np.r_[li + n_u, lu])), shape=(n, n))
+        adj = torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
+                                      torch.from_numpy(m.indices.astype(np.int64)),
+                                      torch.from_numpy(m.data.astype(np.float32)), size=(n, n))
+        degree = torch.from_numpy(np.r_[du, di])
+        return local_u, local_i, adj, degree
+
+    def _refine(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """A few optimiser steps on BPR + LambdaLoss over the batch's interactions, levels and latent
+        updated by gradient, then codes re-derived by RAU; bounded by `refine_budget_seconds`."""
+        cfg = self.cfg
+        start = time.perf_counter()
+        negatives = self.rng.integers(0, self.graph.n_items, size=(len(users), cfg.n_negatives))
+        local_u, local_i, adj, degree = self._subgraph(users, items, negatives)
+        n_u = len(local_u)
+        levels = torch.cat([self.users.levels[local_u], self.items.levels[local_i]]).requires_grad_()
+        latent = torch.cat([self.users.latent[local_u], self.items.latent[local_i]]).requires_grad_()
+        codes = torch.cat([self.users.codes[local_u], self.items.codes[local_i]])
+        batch_u = torch.from_numpy(np.searchsorted(local_u, users))
+        batch_i = torch.from_numpy(np.searchsorted(local_i, items))
+        batch_n = torch.from_numpy(np.searchsorted(local_i, negatives))
+        opt = torch.optim.Adam([levels, latent], lr=cfg.refine_lr)
+        steps = 0
+        while steps < cfg.refine_steps and (steps == 0 or time.perf_counter() - start < cfg.refine_budget_seconds):
+            layer0 = dequantize(levels, codes) + (latent - latent.detach())
+            final = propagate(adj, layer0, cfg.n_layers)
+            loss = ranking_loss(final, layer0, n_u, batch_u, batch_i, batch_n, cfg.lambda_weight, cfg.reg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+        with torch.no_grad():
+            stored_levels = round_levels(levels, cfg.level_dtype)
+            aggregate = torch.sparse.mm(adj, dequantize(stored_levels, codes))
+            mix = neighbour_trust(degree, cfg.rau_alpha, cfg.rau_half_degree)
+            new_codes = rau_codes(latent, aggregate, stored_levels, mix)
+            for table, idx, sl in ((self.users, local_u, slice(0, n_u)), (self.items, local_i, slice(n_u, None))):
+                table.levels[idx] = stored_levels[sl]
+                table.latent[idx] = latent.detach()[sl]
+                table.codes[idx] = new_codes[sl]
+        return local_u, local_i, steps
