@@ -111,7 +111,9 @@ class StreamLearner:
         result.new_items = g.items.external[n_items0:]
         self._init_new_nodes(n_users0, n_items0)
         if len(events) and self.cfg.refine_steps > 0:
+            start = time.perf_counter()
             result.changed_users, result.changed_items, result.refine_steps = self._refine(users, items)
+            result.refine_seconds = time.perf_counter() - start
         changed_u = np.union1d(result.changed_users, np.arange(n_users0, g.n_users))
         changed_i = np.union1d(result.changed_items, np.arange(n_items0, g.n_items))
         result.changed_users, result.changed_items = changed_u, changed_i

@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+import torch
+
+from gnaq_stream.config import LearnerConfig
+from gnaq_stream.data.events import Event
+from gnaq_stream.store.embedding_store import EmbeddingStore, StoreError, inspect_store
+from gnaq_stream.stream.learner import StreamLearner
+
+CFG = LearnerConfig(dim=16, bits=2, level_dtype="fp8", refine_steps=1)
+
+
+def _stream(learner, n, start=0):
+    return [Event(f"u{k % 7}", f"i{(k * 3) % 11}", float(k)) for k in range(start, start + n)]
+
+
+def test_write_and_reload_round_trip(tmp_path):
+    learner = StreamLearner(CFG)
+    with EmbeddingStore(tmp_path / "s") as store:
+        store.write_initial(learner)
+        for b in range(3):
+            result = learner.apply_micro_batch(_stream(learner, 10, 10 * b))
+            store.write_batch(learner, result, {("t", 0): 10 * (b + 1), ("t", 1): 5})
+    with EmbeddingStore(tmp_path / "s") as store:
+        back = store.load_learner(LearnerConfig())
+        assert store.offsets() == {("t", 0): 30, ("t", 1): 5}
+    assert back.cfg.dim == 16 and back.version == 3
+    assert back.graph.users.external == learner.graph.users.external
+    assert back.graph.edge_events == learner.graph.edge_events and back.graph.n_events == 30
+    n = learner.items.n
+    assert torch.equal(back.items.codes[:n], learner.items.codes[:n])
+    torch.testing.assert_close(back.items.levels[:n], learner.items.levels[:n])
+    assert np.array_equal(back.users.version[:learner.users.n], learner.users.version[:learner.users.n])
+
+
+def test_inspect(tmp_path):
+    learner = StreamLearner(CFG)
+    with EmbeddingStore(tmp_path) as store:
+        store.write_initial(learner)
+        store.write_batch(learner, learner.apply_micro_batch(_stream(learner, 20)), {("ev", 0): 20})
+        info = inspect_store(tmp_path)  # read-only snapshot beside the open writer
+    assert (info["users"], info["items"], info["events"]) == (7, 11, 20)
+    assert info["bytes_codes"] == 18 * 4 and info["bytes_levels"] == 18 * 4
+    assert info["bytes_fp32"] == 18 * 64 and info["compression"] == pytest.approx(8.0)
+    assert info["offsets"] == {"ev:0": 20} and info["model_version"] == 1
+
+
+def test_missing_store_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreError, match="no store here"):
+        inspect_store(tmp_path / "nothing")

@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+import torch
+
+from gnaq_stream.checkpoint import StoredModel
+from gnaq_stream.config import LearnerConfig
+from gnaq_stream.data.events import Event
+from gnaq_stream.quant.quantizer import init_from_embedding
+from gnaq_stream.stream.learner import StreamLearner
+from gnaq_stream.stream.prequential import PrequentialEvaluator
+
+CFG = LearnerConfig(dim=8, bits=2, level_dtype="fp32", refine_steps=2, refine_budget_seconds=60.0,
+                    prequential_sample=1.0)
+
+
+def _checkpoint():
+    torch.manual_seed(0)
+    emb = torch.randn(5, 8)  # 2 users, 3 items
+    return StoredModel(method="fp", n_users=2, n_items=3, dim=8, n_layers=2, embedding=emb,
+                       edges=np.array([[0, 0], [0, 1], [1, 2]]))
+
+
+def test_from_checkpoint_keeps_graph_and_quantizes_like_offline():
+    ck = _checkpoint()
+    learner = StreamLearner.from_checkpoint(ck, CFG)
+    assert (learner.graph.n_users, learner.graph.n_items, learner.graph.n_edges) == (2, 3, 3)
+    levels, codes = init_from_embedding(ck.embedding[:2], 2)
+    assert torch.equal(learner.users.codes[:2], codes)
+    torch.testing.assert_close(learner.users.levels[:2], levels)
+
+
+def test_new_user_embedding_is_mean_of_one_and_two_hop_neighbours():
+    learner = StreamLearner.from_checkpoint(_checkpoint(), LearnerConfig(**{**CFG.__dict__, "refine_steps": 0}))
+    result = learner.apply_micro_batch([Event("new", "2", 1.0)])
+    assert result.new_users == ["new"] and result.new_items == []
+    # 1-hop: item 2; 2-hop: users of item 2 = user 1 and the new user itself (not embedded yet)
+    expected = torch.stack([learner.items.embeddings(np.array([2]))[0],
+                            learner.users.embeddings(np.array([1]))[0]]).mean(0)
+    torch.testing.assert_close(learner.users.latent[2], expected)
+    levels, codes = init_from_embedding(expected.unsqueeze(0), 2)
+    assert torch.equal(learner.users.codes[2], codes[0])
+
+
+def test_node_without_embedded_neighbours_gets_the_prior():
+    learner = StreamLearner(LearnerConfig(**{**CFG.__dict__, "refine_steps": 0}))
+    result = learner.apply_micro_batch([Event("a", "b", 1.0)])
+    assert result.new_users == ["a"] and result.new_items == ["b"]
+    assert learner.users.n == 1 and learner.items.n == 1
+    assert torch.isfinite(learner.users.embeddings()).all()
+
+
+def test_refinement_changes_only_the_touched_subgraph_and_versions_it():
+    learner = StreamLearner.from_checkpoint(_checkpoint(), CFG)
+    before_levels = learner.items.levels[:3].clone()
+    result = learner.apply_micro_batch([Event("0", "2", 1.0), Event("0", "2", 2.0)])
+    assert result.refine_steps == 2 and result.refine_seconds > 0
+    assert learner.graph.n_edges == 4 and learner.graph.n_events == 5
+    assert result.edge_events == {0 << 32 | 2: 2}
+    assert 0 in result.changed_users.tolist() and 2 in result.changed_items.tolist()
+    assert not torch.equal(learner.items.levels[2], before_levels[2])
+    assert learner.users.version[0] == result.version == 1
+    for idx in range(3):
+        if idx not in result.changed_items.tolist():
+            assert torch.equal(learner.items.levels[idx], before_levels[idx])
+
+
+def test_refinement_raises_the_score_of_the_new_interaction():
+    learner = StreamLearner.from_checkpoint(_checkpoint(), LearnerConfig(**{**CFG.__dict__, "refine_steps": 20,
+                                                                               "refine_budget_seconds": 30.0,
+                                                                               "refine_lr": 0.05}))
+    learner.refresh_final_embeddings(force=True)
+    before = (learner.final_users[1] @ learner.final_items.T).clone()
+    learner.apply_micro_batch([Event("1", "0", 1.0)] * 4)
+    learner.refresh_final_embeddings(force=True)
+    after = learner.final_users[1] @ learner.final_items.T
+    assert after[0] - after[1] > before[0] - before[1]
+
+
+def test_prequential_scores_before_learning():
+    learner = StreamLearner.from_checkpoint(_checkpoint(), CFG)
+    pe = PrequentialEvaluator(window=100, sample=1.0)
+    pe.score(learner, [Event("1", "0", 1.0), Event("ghost", "0", 1.0)])
+    assert len(pe.ranks) == 2 and float("inf") in pe.ranks
+    learner.refresh_final_embeddings(force=True)
+    scores = learner.final_users[1] @ learner.final_items.T
+    scores[2] = float("-inf")  # user 1 already has item 2: masked
+    assert min(pe.ranks) == int((scores > scores[0]).sum())
+    m = pe.metrics()
+    assert m["recall@20"] == pytest.approx(0.5)
+    assert 0 < m["ndcg@20"] <= 0.5
