@@ -80,7 +80,7 @@ class LearnerConfig:
     reg: float = 1e-4
     rau_alpha: float = 0.5
     rau_half_degree: float = 10.0
-    prequential_sample: float = 0.2
+    prequential_sample: float = 0.05
     prequential_window: int = 10000
     refresh_seconds: float = 10.0
     seed: int = 2025

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from itertools import chain
 
 import numpy as np
 import torch
@@ -50,12 +51,14 @@ class PrequentialEvaluator:
         targets = torch.tensor([i for _, i in known])
         scores = learner.final_users[users] @ learner.final_items.T
         target_scores = scores.gather(1, targets.unsqueeze(1))
-        for row, (u, i) in enumerate(known):
-            seen = [j for j in g.user_items[u] if j != i and j < n_items]
-            if seen:
-                scores[row, seen] = float("-inf")
-        ranks = (scores > target_scores).sum(1)
-        self.ranks.extend(ranks.tolist())
+        histories = [g.user_items[u] for u, _ in known]
+        lengths = torch.tensor([len(h) for h in histories])
+        seen = torch.tensor(list(chain.from_iterable(histories)), dtype=torch.long)
+        rows = torch.repeat_interleave(torch.arange(len(known)), lengths)
+        inside = seen < n_items
+        scores[rows[inside], seen[inside]] = float("-inf")  # the user's history is not recommended...
+        scores.scatter_(1, targets.unsqueeze(1), target_scores)  # ...unless it is the target (a repeat)
+        self.ranks.extend((scores > target_scores).sum(1).tolist())
 
     def metrics(self) -> dict[str, float]:
         if not self.ranks:
