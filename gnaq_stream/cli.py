@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", help="checkpoint whose embeddings initialise the quantizer (quantized methods)")
     t.add_argument("--out", required=True, help="checkpoint directory to write")
     t.add_argument("--level-dtype", choices=list(LEVEL_DTYPES), default=defaults.level_dtype)
-    for name in ("n_layers", "batch_size", "lr", "qat_lr", "reg", "n_negatives", "lambda_weight", "rau_alpha", "rau_half_degree",
+    for name in ("n_layers", "batch_size", "lr", "qat_lr", "level_lr", "reg", "n_negatives", "lambda_weight", "rau_alpha", "rau_half_degree",
                  "rau_every", "eval_every", "patience", "threads", "seed"):
         value = getattr(defaults, name)
         t.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)

@@ -20,6 +20,7 @@ class TrainConfig:
     batch_size: int = 32768
     lr: float = 1e-2
     qat_lr: float = 1e-3
+    level_lr: float = 0.0  # learning rate of quantization levels; 0 = qat_lr
     reg: float = 1e-4
     n_negatives: int = 4
     lambda_weight: float = 1.0
@@ -44,7 +45,7 @@ class TrainConfig:
         method_spec(self.method)
         if self.rau_half_degree <= 0:
             raise ConfigError(f"rau_half_degree must be > 0, got {self.rau_half_degree}")
-        if self.lambda_weight < 0 or self.lr <= 0 or self.qat_lr <= 0 or self.reg < 0:
+        if self.lambda_weight < 0 or self.lr <= 0 or self.qat_lr <= 0 or self.reg < 0 or self.level_lr < 0:
             raise ConfigError("lambda_weight and reg must be >= 0, learning rates > 0")
 
 
@@ -71,7 +72,8 @@ class LearnerConfig:
     bits: int = 2
     level_dtype: str = "fp8"
     n_layers: int = 3
-    refine_steps: int = 2
+    refine_steps: int = 1
+    refine_max_events: int = 1000
     refine_lr: float = 5e-3
     refine_budget_seconds: float = 0.5
     neighbour_samples: int = 10
@@ -80,15 +82,15 @@ class LearnerConfig:
     reg: float = 1e-4
     rau_alpha: float = 0.5
     rau_half_degree: float = 10.0
-    prequential_sample: float = 0.05
-    prequential_window: int = 10000
+    prequential_sample: float = 0.02
+    prequential_window: int = 5000
     refresh_seconds: float = 10.0
     seed: int = 2025
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         check_level_dtype(self.level_dtype)
-        if self.refine_steps < 0 or self.neighbour_samples < 1 or self.n_negatives < 1:
+        if self.refine_steps < 0 or self.refine_max_events < 1 or self.neighbour_samples < 1 or self.n_negatives < 1:
             raise ConfigError("refine_steps must be >= 0, neighbour_samples and n_negatives >= 1")
         if not 0.0 <= self.prequential_sample <= 1.0:
             raise ConfigError(f"prequential_sample must be in [0, 1], got {self.prequential_sample}")
@@ -106,7 +108,7 @@ class ConsumerConfig:
     dlq_topic: str = ""
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
-    micro_batch_size: int = 2000
+    micro_batch_size: int = 5000
     max_wait_seconds: float = 0.5
     max_message_bytes: int = 4096
     max_events: int = 0

@@ -52,6 +52,7 @@ class StreamLearner:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.final_users = torch.zeros(0, cfg.dim)
         self.final_items = torch.zeros(0, cfg.dim)
+        self.final_items_t = self.final_items.T
         self.refreshed_at = float("-inf")
 
     @classmethod
@@ -89,6 +90,7 @@ class StreamLearner:
         layer0 = torch.cat([self.users.embeddings(), self.items.embeddings()])
         final = propagate(self.graph.normalized_adjacency(), layer0, self.cfg.n_layers)
         self.final_users, self.final_items = final[:self.graph.n_users], final[self.graph.n_users:]
+        self.final_items_t = self.final_items.T.contiguous()  # scoring reads items column-wise
         self.refreshed_at = now
 
     # ---- the micro-batch ------------------------------------------------------------------------
@@ -112,6 +114,9 @@ class StreamLearner:
         self._init_new_nodes(n_users0, n_items0)
         if len(events) and self.cfg.refine_steps > 0:
             start = time.perf_counter()
+            if len(events) > self.cfg.refine_max_events:  # bounded work per batch, whatever its size
+                pick = self.rng.choice(len(events), self.cfg.refine_max_events, replace=False)
+                users, items = users[pick], items[pick]
             result.changed_users, result.changed_items, result.refine_steps = self._refine(users, items)
             result.refine_seconds = time.perf_counter() - start
         changed_u = np.union1d(result.changed_users, np.arange(n_users0, g.n_users))
@@ -201,15 +206,18 @@ class StreamLearner:
         batch_u = torch.from_numpy(np.searchsorted(local_u, users))
         batch_i = torch.from_numpy(np.searchsorted(local_i, items))
         batch_n = torch.from_numpy(np.searchsorted(local_i, negatives))
-        opt = torch.optim.Adam([levels, latent], lr=cfg.refine_lr)
         steps = 0
         while steps < cfg.refine_steps and (steps == 0 or time.perf_counter() - start < cfg.refine_budget_seconds):
             layer0 = dequantize(levels, codes) + (latent - latent.detach())
             final = propagate(adj, layer0, cfg.n_layers)
             loss = ranking_loss(final, layer0, n_u, batch_u, batch_i, batch_n, cfg.lambda_weight, cfg.reg)
-            opt.zero_grad(set_to_none=True)
+            levels.grad = latent.grad = None
             loss.backward()
-            opt.step()
+            with torch.no_grad():
+                # a fresh Adam's first step is lr * sign(g): take it directly, without building an
+                # optimiser per micro-batch (that cost more than the step itself)
+                for p in (levels, latent):
+                    p -= cfg.refine_lr * p.grad.sign()
             steps += 1
         with torch.no_grad():
             stored_levels = round_levels(levels, cfg.level_dtype)

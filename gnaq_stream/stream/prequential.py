@@ -49,7 +49,7 @@ class PrequentialEvaluator:
             return
         users = torch.tensor([u for u, _ in known])
         targets = torch.tensor([i for _, i in known])
-        scores = learner.final_users[users] @ learner.final_items.T
+        scores = learner.final_users[users] @ learner.final_items_t
         target_scores = scores.gather(1, targets.unsqueeze(1))
         histories = [g.user_items[u] for u, _ in known]
         lengths = torch.tensor([len(h) for h in histories])

@@ -129,7 +129,10 @@ def train(data: InteractionData, cfg: TrainConfig, init: torch.Tensor | None = N
                       cfg.n_layers)
     adj = normalized_adjacency(data.n_users, data.n_items, data.train.users, data.train.items)
     lr = cfg.qat_lr if spec.quantized else cfg.lr
-    opt = torch.optim.Adam([p for p in rec.parameters() if p.requires_grad], lr=lr)
+    groups = [{"params": [p for name, p in rec.named_parameters() if p.requires_grad and not name.endswith("levels")]},
+              {"params": [p for name, p in rec.named_parameters() if p.requires_grad and name.endswith("levels")],
+               "lr": cfg.level_lr or lr}]
+    opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
     sampler = NegativeSampler(data.train.users, data.train.items, data.n_items, rng)
     lambda_weight = cfg.lambda_weight if spec.lambda_loss else 0.0
     validate = data.valid is not None
