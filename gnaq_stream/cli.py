@@ -28,21 +28,13 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gnaq-stream", description="Quantized graph collaborative filtering, offline and streaming.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    defaults = TrainConfig(**env_defaults(TrainConfig))
 
     t = sub.add_parser("train", help="train a model on a dataset's train split and evaluate it on its test split")
     t.add_argument("--dataset", required=True)
-    t.add_argument("--method", choices=list(METHODS), default=defaults.method)
-    t.add_argument("--bits", type=int, default=defaults.bits, help=f"bits per code, one of {SUPPORTED_BITS}")
-    t.add_argument("--dim", type=int, default=defaults.dim)
-    t.add_argument("--epochs", type=int, default=defaults.epochs)
+    _add_config_flags(t, TrainConfig, choices={"method": list(METHODS), "level_dtype": list(LEVEL_DTYPES)},
+                      helps={"bits": f"bits per code, one of {SUPPORTED_BITS}"})
     t.add_argument("--init", help="checkpoint whose embeddings initialise the quantizer (quantized methods)")
     t.add_argument("--out", required=True, help="checkpoint directory to write")
-    t.add_argument("--level-dtype", choices=list(LEVEL_DTYPES), default=defaults.level_dtype)
-    for name in ("n_layers", "batch_size", "lr", "qat_lr", "level_lr", "reg", "n_negatives", "lambda_weight", "rau_alpha", "rau_half_degree",
-                 "rau_every", "eval_every", "patience", "threads", "seed"):
-        value = getattr(defaults, name)
-        t.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     t.add_argument("--json", action="store_true", help="print one JSON object as the last line; no progress bars")
     _add_data_dir(t)
 
@@ -65,13 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_config_flags(p: argparse.ArgumentParser, cls: type, required: tuple[str, ...] = ()) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, cls: type, required: tuple[str, ...] = (),
+                      choices: dict[str, list[str]] | None = None, helps: dict[str, str] | None = None) -> None:
     """One flag per dataclass field; defaults from GNAQ_<FIELD> environment variables."""
     env = env_defaults(cls)
     for f in fields(cls):
         default = env.get(f.name, f.default)
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=default,
-                       required=f.name in required and f.name not in env)
+                       required=f.name in required and f.name not in env, choices=(choices or {}).get(f.name),
+                       help=(helps or {}).get(f.name))
 
 
 def _report(result: dict, as_json: bool) -> None:
@@ -93,8 +87,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from gnaq_stream.data.datasets import load_dataset, resolve_name
     from gnaq_stream.train.trainer import train
 
-    names = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    cfg = _config(TrainConfig, args)
     data = load_dataset(args.dataset, args.data_dir)
     init = load_checkpoint(args.init).layer0() if args.init else None
     result = train(data, cfg, init=init, progress=not args.json)
@@ -158,9 +151,8 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "consume": cmd_consume
 
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Sparse (CSR tensor support|invariant checks)")
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
         COMMANDS[args.command](args)
     except GnaqError as exc:
         print(f"gnaq-stream: error: {exc}", file=sys.stderr)

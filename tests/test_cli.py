@@ -62,6 +62,7 @@ def test_quantized_training_from_checkpoint(fp_run, data_dir, tmp_path, method, 
     (["train", "--dataset", "nope", "--out", "x"], "unknown dataset 'nope'"),
     (["train", "--dataset", "ml-100k", "--bits", "5", "--out", "x"], "bits must be one of"),
     (["train", "--dataset", "ml-100k", "--method", "magic", "--out", "x"], "invalid choice"),
+    (["train", "--dataset", "ml-100k", "--epochs", "0", "--out", "x"], "epochs must be >= 1"),
     (["evaluate", "--checkpoint", "/nonexistent", "--dataset", "ml-100k"], "not a checkpoint"),
 ])
 def test_bad_input_is_a_clear_error(args, message, data_dir):

@@ -126,15 +126,16 @@ class StreamLearner:
         self.items.version[changed_i] = self.version
         return result
 
+    def _sample(self, neighbours: list[int]) -> list[int]:
+        cap = self.cfg.neighbour_samples
+        return neighbours if len(neighbours) <= cap else self.rng.choice(neighbours, cap, replace=False).tolist()
+
     def _neighbour_mean(self, neighbours: list[int], table: NodeTable, two_hop: list[list[int]],
                         two_hop_table: NodeTable) -> torch.Tensor | None:
-        cap = self.cfg.neighbour_samples
-        one = [n for n in neighbours if n < table.n]
+        one = self._sample([n for n in neighbours if n < table.n])
         if not one:
             return None
-        if len(one) > cap:
-            one = self.rng.choice(one, cap, replace=False).tolist()
-        second = [m for n in one for m in two_hop[n][:cap] if m < two_hop_table.n]
+        second = [m for n in one for m in two_hop[n][:self.cfg.neighbour_samples] if m < two_hop_table.n]
         parts = [table.embeddings(np.array(one))]
         if second:
             parts.append(two_hop_table.embeddings(np.array(second)))
@@ -148,32 +149,27 @@ class StreamLearner:
     def _init_new_nodes(self, n_users0: int, n_items0: int) -> None:
         """Embedding of a new node = mean of its embedded 1- and 2-hop neighbours, then GNAQ init."""
         g = self.graph
-        new_users = []
-        for u in range(n_users0, g.n_users):
-            emb = self._neighbour_mean(g.user_items[u], self.items, g.item_users, self.users)
-            new_users.append(emb if emb is not None else self._prior(self.users))
-        if new_users:
-            self.users.append(torch.stack(new_users), self.version)
-        new_items = []
-        for i in range(n_items0, g.n_items):
-            emb = self._neighbour_mean(g.item_users[i], self.users, g.user_items, self.items)
-            new_items.append(emb if emb is not None else self._prior(self.items))
-        if new_items:
-            self.items.append(torch.stack(new_items), self.version)
+        kinds = ((self.users, n_users0, g.user_items, self.items, g.item_users),
+                 (self.items, n_items0, g.item_users, self.users, g.user_items))
+        for table, first, adjacency, other, other_adjacency in kinds:
+            fresh = []
+            for node in range(first, len(adjacency)):
+                emb = self._neighbour_mean(adjacency[node], other, other_adjacency, table)
+                fresh.append(emb if emb is not None else self._prior(table))
+            if fresh:
+                table.append(torch.stack(fresh), self.version)
 
     def _subgraph(self, users: np.ndarray, items: np.ndarray, negatives: np.ndarray):
         """Touched nodes, a sample of their neighbours and the negatives, with the edges among them
         that refinement sees, normalised by global degrees (so a node's scale matches the full graph)."""
-        g, cap, rng = self.graph, self.cfg.neighbour_samples, self.rng
+        g = self.graph
         eu, ei = [users], [items]
         for u in np.unique(users).tolist():
-            nb = g.user_items[u]
-            picked = nb if len(nb) <= cap else rng.choice(nb, cap, replace=False)
+            picked = self._sample(g.user_items[u])
             eu.append(np.full(len(picked), u))
             ei.append(np.asarray(picked, dtype=np.int64))
         for i in np.unique(items).tolist():
-            nb = g.item_users[i]
-            picked = nb if len(nb) <= cap else rng.choice(nb, cap, replace=False)
+            picked = self._sample(g.item_users[i])
             eu.append(np.asarray(picked, dtype=np.int64))
             ei.append(np.full(len(picked), i))
         keys = np.unique(np.concatenate(eu) << 32 | np.concatenate(ei))
