@@ -94,7 +94,8 @@ class StreamConsumer:
 
     def _connect(self) -> None:
         c = self.ccfg
-        common = dict(bootstrap_servers=c.bootstrap_servers.split(","), reconnect_backoff_max_ms=5000)
+        common = dict(bootstrap_servers=c.bootstrap_servers.split(","), reconnect_backoff_max_ms=5000,
+                      bootstrap_timeout_ms=5000)
         self.consumer = _retry("connecting consumer", lambda: KafkaConsumer(
             group_id=c.group, enable_auto_commit=False, auto_offset_reset="earliest",
             max_poll_records=c.micro_batch_size, fetch_max_bytes=c.fetch_max_bytes,

@@ -205,3 +205,22 @@ def test_metrics_are_served_and_scraped_by_prometheus(kafka_broker, start_promet
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err.decode()[-2000:]
+
+
+def test_starts_while_the_broker_is_unreachable_and_connects_when_it_appears(kafka_broker, data_dir, tmp_path):
+    kafka_broker.stop()
+    store = tmp_path / "store"
+    proc = subprocess.Popen(consume_cmd(kafka_broker.bootstrap, "late", store), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        time.sleep(6)
+        assert proc.poll() is None, "consumer gave up while the broker was unreachable"
+        kafka_broker.start()
+        create_topic(kafka_broker.bootstrap, "late", partitions=1)
+        produce(kafka_broker.bootstrap, "late", encode(ml100k_events(data_dir, 200)))
+        wait_until(lambda: events_in_store(store) == 200, 120, "events stored once the broker is up")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"retrying in" in err
