@@ -92,11 +92,13 @@ def export(rec: Recommender, method: str, cfg: TrainConfig, edges: np.ndarray | 
                        codes=emb.codes.numpy().copy(), levels=emb.stored_levels(cfg.level_dtype))
 
 
-def evaluate_stored(model: StoredModel, data: InteractionData, split: str = "test",
-                    progress: bool = False) -> dict[str, float]:
-    """Full-ranking metrics of a stored model on `split`, masking all interactions of other splits."""
+def evaluate_stored(model: StoredModel, data: InteractionData, split: str = "test", progress: bool = False,
+                    adj: torch.Tensor | None = None) -> dict[str, float]:
+    """Full-ranking metrics of a stored model on `split`, masking all interactions of other splits.
+    `adj` is the training graph's normalised adjacency, built here when not given."""
     known = [data.train] + ([data.valid] if data.valid is not None and split == "test" else [])
-    adj = normalized_adjacency(data.n_users, data.n_items, data.train.users, data.train.items)
+    if adj is None:
+        adj = normalized_adjacency(data.n_users, data.n_items, data.train.users, data.train.items)
     with torch.no_grad():
         out = propagate(adj, model.layer0(), model.n_layers)
     truth = interaction_matrix(data.n_users, data.n_items, getattr(data, split))
@@ -161,7 +163,7 @@ def train(data: InteractionData, cfg: TrainConfig, init: torch.Tensor | None = N
         epochs_run = epoch
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if validate and epoch % cfg.eval_every == 0:
-            score = evaluate_stored(export(rec, cfg.method, cfg), data, split="valid")["recall@20"]
+            score = evaluate_stored(export(rec, cfg.method, cfg), data, "valid", adj=adj)["recall@20"]
             if score > best_score:
                 best_score, best_state, best_epoch, stale = score, copy.deepcopy(rec.state_dict()), epoch, 0
             else:
@@ -173,5 +175,5 @@ def train(data: InteractionData, cfg: TrainConfig, init: torch.Tensor | None = N
     else:
         best_epoch = epochs_run
     stored = export(rec, cfg.method, cfg, np.stack(unique_edges(data.train.users, data.train.items, data.n_items), 1))
-    metrics = evaluate_stored(stored, data, "test", progress=progress)
+    metrics = evaluate_stored(stored, data, "test", progress=progress, adj=adj)
     return TrainResult(stored, metrics, seconds + pre_seconds, epochs_run, best_epoch)
