@@ -15,7 +15,7 @@ from gnaq_stream.model.gnaq import METHODS
 from gnaq_stream.quant.packing import LEVEL_DTYPES, SUPPORTED_BITS
 
 
-class _Parser(argparse.ArgumentParser):
+class CliParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -26,12 +26,12 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="gnaq-stream", description="Quantized graph collaborative filtering, offline and streaming.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = CliParser(prog="gnaq-stream", description="Quantized graph collaborative filtering, offline and streaming.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CliParser)
 
     t = sub.add_parser("train", help="train a model on a dataset's train split and evaluate it on its test split")
     t.add_argument("--dataset", required=True)
-    _add_config_flags(t, TrainConfig, choices={"method": list(METHODS), "level_dtype": list(LEVEL_DTYPES)},
+    add_config_flags(t, TrainConfig, choices={"method": list(METHODS), "level_dtype": list(LEVEL_DTYPES)},
                       helps={"bits": f"bits per code, one of {SUPPORTED_BITS}"})
     t.add_argument("--init", help="checkpoint whose embeddings initialise the quantizer (quantized methods)")
     t.add_argument("--out", required=True, help="checkpoint directory to write")
@@ -45,19 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(e)
 
     c = sub.add_parser("consume", help="run the streaming learner on a Kafka topic of interaction events")
-    _add_config_flags(c, ConsumerConfig, required=("bootstrap_servers", "topic", "group", "store"))
-    _add_config_flags(c, LearnerConfig)
+    add_config_flags(c, ConsumerConfig, required=("bootstrap_servers", "topic", "group", "store"))
+    add_config_flags(c, LearnerConfig)
     c.add_argument("--log-level", default="INFO")
 
     s = sub.add_parser("store", help="look into an embedding store")
-    store_sub = s.add_subparsers(dest="store_command", required=True, parser_class=_Parser)
+    store_sub = s.add_subparsers(dest="store_command", required=True, parser_class=CliParser)
     i = store_sub.add_parser("inspect", help="node counts, bytes, compression, offsets and model version")
     i.add_argument("--store", required=True)
     i.add_argument("--json", action="store_true")
     return parser
 
 
-def _add_config_flags(p: argparse.ArgumentParser, cls: type, required: tuple[str, ...] = (),
+def add_config_flags(p: argparse.ArgumentParser, cls: type, required: tuple[str, ...] = (),
                       choices: dict[str, list[str]] | None = None, helps: dict[str, str] | None = None) -> None:
     """One flag per dataclass field; defaults from GNAQ_<FIELD> environment variables."""
     env = env_defaults(cls)
@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from gnaq_stream.data.datasets import load_dataset, resolve_name
     from gnaq_stream.train.trainer import train
 
-    cfg = _config(TrainConfig, args)
+    cfg = config_from_args(TrainConfig, args)
     data = load_dataset(args.dataset, args.data_dir)
     init = load_checkpoint(args.init).layer0() if args.init else None
     result = train(data, cfg, init=init, progress=not args.json)
@@ -117,7 +117,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
              **_size_fields(model), "train_seconds": model.extra.get("train_seconds", 0.0)}, args.json)
 
 
-def _config(cls: type, args: argparse.Namespace):
+def config_from_args(cls: type, args: argparse.Namespace):
+    """The dataclass `cls` built from the parsed flags `add_config_flags` added."""
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
@@ -128,7 +129,7 @@ def cmd_consume(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO lines drown ours
-    consumer = StreamConsumer(_config(ConsumerConfig, args), _config(LearnerConfig, args))
+    consumer = StreamConsumer(config_from_args(ConsumerConfig, args), config_from_args(LearnerConfig, args))
     if args.metrics_port:
         consumer.metrics.serve(args.metrics_port, args.metrics_host)
     install_signal_handlers(consumer)

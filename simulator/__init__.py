@@ -1,0 +1,1 @@
+"""Replays real datasets as event streams through Kafka into the streaming learner (`simulator replay`)."""
