@@ -1,4 +1,4 @@
-"""`gnaq-stream` command line: train, evaluate."""
+"""`gnaq-stream` command line: train, evaluate, consume, serve, store."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from gnaq_stream.config import ConsumerConfig, LearnerConfig, TrainConfig, env_defaults
+from gnaq_stream.config import ConsumerConfig, LearnerConfig, ServeConfig, TrainConfig, env_defaults
 from gnaq_stream.errors import GnaqError
 from gnaq_stream.model.gnaq import METHODS
 from gnaq_stream.quant.packing import LEVEL_DTYPES, SUPPORTED_BITS
@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(c, ConsumerConfig, required=("bootstrap_servers", "topic", "group", "store"))
     add_config_flags(c, LearnerConfig)
     c.add_argument("--log-level", default="INFO")
+
+    v = sub.add_parser("serve", help="run a recommender replica: follows the embedding-updates topic, "
+                                     "answers GET /recommend/{user}?k=N")
+    add_config_flags(v, ServeConfig)
+    v.add_argument("--log-level", default="WARNING")
 
     s = sub.add_parser("store", help="look into an embedding store")
     store_sub = s.add_subparsers(dest="store_command", required=True, parser_class=CliParser)
@@ -137,6 +142,12 @@ def cmd_consume(args: argparse.Namespace) -> None:
     logging.getLogger("gnaq_stream.consume").info("stopped after %d messages", consumed)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from services.recommender.app import run
+
+    run(config_from_args(ServeConfig, args), args.log_level.upper())
+
+
 def cmd_store(args: argparse.Namespace) -> None:
     from gnaq_stream.store.embedding_store import inspect_store
 
@@ -147,7 +158,8 @@ def cmd_store(args: argparse.Namespace) -> None:
         _report(info, False)
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "consume": cmd_consume, "store": cmd_store}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "consume": cmd_consume, "serve": cmd_serve,
+            "store": cmd_store}
 
 
 def main(argv: list[str] | None = None) -> int:

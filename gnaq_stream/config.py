@@ -85,11 +85,14 @@ class LearnerConfig:
     prequential_sample: float = 0.02
     prequential_window: int = 5000
     refresh_seconds: float = 10.0
+    serve_bits: int = 0  # bits of the published serving rows; 0 = the model's bits
     seed: int = 2025
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         check_level_dtype(self.level_dtype)
+        if self.serve_bits:
+            check_bits(self.serve_bits)
         if self.refine_steps < 0 or self.refine_max_events < 1 or self.neighbour_samples < 1 or self.n_negatives < 1:
             raise ConfigError("refine_steps must be >= 0, neighbour_samples and n_negatives >= 1")
         if not 0.0 <= self.prequential_sample <= 1.0:
@@ -106,6 +109,7 @@ class ConsumerConfig:
     store: str = "gnaq-store"
     checkpoint: str = ""
     dlq_topic: str = ""
+    updates_topic: str = ""  # where serving rows are published; empty = not published
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     micro_batch_size: int = 5000
@@ -120,3 +124,22 @@ class ConsumerConfig:
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1 or self.max_wait_seconds <= 0 or self.max_message_bytes < 64:
             raise ConfigError("micro_batch_size >= 1, max_wait_seconds > 0, max_message_bytes >= 64 required")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`gnaq-stream serve`: one recommender replica following the embedding-updates topic."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    updates_topic: str = "interactions-updates"
+    store: str = "gnaq-serve-store"
+    group: str = ""  # consumer group of this replica; every replica reads every partition, so each
+    #                  needs its own (empty: gnaq-serve-<hostname>-<port>)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_k: int = 1000
+    session_timeout_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536 or self.max_k < 1 or self.session_timeout_seconds <= 0:
+            raise ConfigError("port must be in 1..65535, max_k >= 1, session_timeout_seconds > 0")

@@ -41,9 +41,33 @@ class LearnerMetrics:
         self.recall = Gauge("gnaq_stream_recall_at_k", "Prequential Recall@K over the sliding window", ["k"],
                             registry=r)
         self.ndcg = Gauge("gnaq_stream_ndcg_at_k", "Prequential NDCG@K over the sliding window", ["k"], registry=r)
+        self.rows_published = Counter("gnaq_updates_rows_published_total",
+                                      "Serving rows sent to the embedding-updates topic", registry=r)
         self.prequential_events = Gauge("gnaq_stream_prequential_events", "Events in the prequential window",
                                         registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         """Expose /metrics over HTTP (loopback unless told otherwise)."""
         start_http_server(port, addr=host, registry=self.registry)
+
+
+class ServeMetrics:
+    """Metrics of a recommender replica (`gnaq-stream serve`), served on its own /metrics page."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = r = registry or CollectorRegistry()
+        self.requests = Counter("gnaq_serve_requests_total", "HTTP requests answered", ["endpoint", "status"],
+                                registry=r)
+        self.latency = Histogram("gnaq_serve_request_seconds", "Time to answer a request", ["endpoint"],
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)
+        self.updates_applied = Counter("gnaq_serve_updates_applied_total", "Update records applied", registry=r)
+        self.updates_stale = Counter("gnaq_serve_updates_stale_total",
+                                     "Update records ignored because a newer one was held", registry=r)
+        self.updates_rejected = Counter("gnaq_serve_updates_rejected_total", "Update records that could not be decoded",
+                                        registry=r)
+        self.model_version = Gauge("gnaq_serve_model_version", "Learner version this replica has completely received",
+                                   registry=r)
+        self.updates_lag = Gauge("gnaq_serve_updates_lag_messages", "Updates-topic high-water mark minus position",
+                                 ["partition"], registry=r)
+        self.model_bytes = Gauge("gnaq_serve_model_bytes", "Bytes of packed serving rows held", registry=r)
+        self.nodes = Gauge("gnaq_serve_nodes", "Nodes with a serving row", ["kind"], registry=r)

@@ -67,7 +67,7 @@ def pack_rows(codes: np.ndarray, levels: torch.Tensor, bits: int, level_dtype: s
     bit_planes = (codes[:, :, None] >> np.arange(bits, dtype=np.uint8)) & 1
     packed_codes = np.packbits(bit_planes.reshape(n, dim * bits), axis=1, bitorder="little")
     stored = levels.detach().to(check_level_dtype(level_dtype)).contiguous()
-    level_raw = stored.view(torch.uint8).numpy().reshape(n, -1)  # little-endian on every supported host
+    level_raw = stored.view(torch.uint8).numpy().reshape(n, level_bytes(bits, level_dtype))  # little-endian hosts
     return np.concatenate([packed_codes, level_raw], axis=1)
 
 

@@ -13,6 +13,8 @@ import logging
 import signal
 import time
 
+import numpy as np
+
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
@@ -26,6 +28,7 @@ from gnaq_stream.quant.packing import model_size
 from gnaq_stream.store.embedding_store import EmbeddingStore
 from gnaq_stream.stream.learner import StreamLearner
 from gnaq_stream.stream.prequential import KS, PrequentialEvaluator
+from gnaq_stream.stream.updates import UpdatesPublisher
 
 log = logging.getLogger("gnaq_stream.consume")
 
@@ -85,6 +88,7 @@ class StreamConsumer:
         self.prequential = PrequentialEvaluator(lcfg.prequential_window, lcfg.prequential_sample, lcfg.seed)
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
+        self.updates: UpdatesPublisher | None = None
         self._update_model_metrics()
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -103,8 +107,13 @@ class StreamConsumer:
             session_timeout_ms=c.session_timeout_ms, heartbeat_interval_ms=c.heartbeat_interval_ms,
             max_poll_interval_ms=300000, **common), lambda: self.stop_requested)
         self.consumer.subscribe([c.topic], listener=_SeekToStoredOffsets(self))
-        self.producer = _retry("connecting dead-letter producer", lambda: KafkaProducer(acks="all", **common),
-                               lambda: self.stop_requested)
+        self.producer = _retry("connecting producer", lambda: KafkaProducer(
+            acks="all", linger_ms=5, batch_size=256 * 1024, **common), lambda: self.stop_requested)
+        if c.updates_topic:
+            self.updates = UpdatesPublisher(self.producer, c.updates_topic,
+                                            self.learner.cfg.serve_bits or self.learner.cfg.bits)
+            # a (re)started learner publishes its whole state: the topic may miss what a crash cut off
+            self._publish_updates(self.learner.graph.n_users, refresh=True)
 
     def run(self) -> int:
         """Consume until stopped (signal, --max-events or --idle-exit); returns events consumed."""
@@ -127,6 +136,8 @@ class StreamConsumer:
                 self.pending.extend(records)
                 self.last_activity = now
             self._update_lag()
+            if not polled and not self.pending and self.learner.final_version != self.learner.version:
+                self._publish_updates(0, refresh=True)  # idle: let the replicas catch up fully
             full = len(self.pending) >= c.micro_batch_size or (c.max_events and room <= 0)
             if self.pending and (full or now - first_pending >= c.max_wait_seconds):
                 self._process(self.pending)
@@ -139,6 +150,7 @@ class StreamConsumer:
         if self.pending:
             self._process(self.pending)
             self.pending = []
+        self._publish_updates(0, refresh=True)
         self.close()
         return self.consumed
 
@@ -174,6 +186,7 @@ class StreamConsumer:
         self.prequential.score(self.learner, events)
         result = self.learner.apply_micro_batch(events)
         self.store.write_batch(self.learner, result, offsets)
+        self._publish_updates(np.unique(np.fromiter(result.edge_events, dtype=np.int64) >> 32))
         self._commit(offsets)
         applied_at = time.time()
         self.consumed += len(records)
@@ -196,6 +209,23 @@ class StreamConsumer:
             self.producer.flush(timeout=30)
         # a bad message must reach the DLQ before its offset is stored: retry even while stopping
         _retry("publishing to the dead-letter topic", publish, lambda: False)
+
+    def _publish_updates(self, users: np.ndarray | int, refresh: bool = False) -> None:
+        """Publish histories of `users` (an int n: users 0..n-1) and, when the learner propagated
+        since the last publication, its changed serving rows; propagation is every `refresh_seconds`
+        at most, or now with `refresh`. A publication that cannot be completed while stopping is
+        left to the next start, which republishes everything."""
+        if self.updates is None:
+            return
+        self.learner.refresh_final_embeddings(force=refresh and self.learner.final_version != self.learner.version)
+        users = np.arange(users) if isinstance(users, int) else users
+        try:
+            sent = _retry("publishing embedding updates", lambda: self.updates.publish(self.learner, users),
+                          lambda: self.stop_requested)
+        except KafkaError as exc:
+            log.warning("embedding updates not published (%s); the next start republishes them", exc)
+            return
+        self.metrics.rows_published.inc(sent)
 
     def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
         try:

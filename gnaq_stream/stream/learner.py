@@ -54,6 +54,7 @@ class StreamLearner:
         self.final_items = torch.zeros(0, cfg.dim)
         self.final_items_t = self.final_items.T
         self.refreshed_at = float("-inf")
+        self.final_version = -1  # the model version the final embeddings were propagated at
 
     @classmethod
     def from_checkpoint(cls, model: StoredModel, cfg: LearnerConfig) -> "StreamLearner":
@@ -92,6 +93,7 @@ class StreamLearner:
         self.final_users, self.final_items = final[:self.graph.n_users], final[self.graph.n_users:]
         self.final_items_t = self.final_items.T.contiguous()  # scoring reads items column-wise
         self.refreshed_at = now
+        self.final_version = self.version
 
     # ---- the micro-batch ------------------------------------------------------------------------
 

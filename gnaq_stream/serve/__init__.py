@@ -1,0 +1,1 @@
+"""Serving: top-K from packed rows."""

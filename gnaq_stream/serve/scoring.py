@@ -1,0 +1,157 @@
+"""Top-K scoring straight from packed rows (gnaq_stream.quant.packing), no fp32 item matrix.
+
+What is served is each node's *serving row*: its final (propagated, layer-mean) LightGCN embedding
+quantized node-wise exactly as GNAQ initialises a node (levels over its range, codes by binning), so
+a replica needs neither the graph nor a propagation step. The score of item i for a user vector f is
+
+    sum_d f[d] * L_i[c_id] = sum_k L_i[k] * S_ik,   S_ik = sum of f over the dims whose code is k.
+
+When codes pack evenly into bytes (1, 2, 4 bits), S_i is the sum over the row's code bytes of a table
+T[byte position, byte value] built once per request from f: one lookup per byte instead of one per
+dimension. 3- and 8-bit rows decode code by code. Levels are decoded from their stored dtype inside
+the loop through a lookup table, so nothing but the packed rows is held per item.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from gnaq_stream.quant.packing import check_level_dtype, code_bytes, pack_rows, round_levels, unpack_rows
+from gnaq_stream.quant.quantizer import init_from_embedding
+
+
+def quantize_rows(embeddings: torch.Tensor, bits: int, level_dtype: str) -> np.ndarray:
+    """Packed rows of float embeddings, quantized node-wise as GNAQ initialises a node."""
+    levels, codes = init_from_embedding(embeddings, bits)
+    return pack_rows(codes.numpy(), round_levels(levels, level_dtype), bits, level_dtype)
+
+
+def _level_lut(level_dtype: str) -> np.ndarray:
+    """float32 value of every bit pattern of a 1- or 2-byte level dtype (empty for fp32)."""
+    dtype = check_level_dtype(level_dtype)
+    if dtype.itemsize == 4:
+        return np.zeros(0, dtype=np.float32)
+    patterns = torch.arange(1 << (8 * dtype.itemsize), dtype=torch.int32)
+    raw = patterns.to(torch.uint8 if dtype.itemsize == 1 else torch.int16)
+    return raw.view(dtype).to(torch.float32).nan_to_num(0.0).numpy()
+
+
+@numba.njit(cache=True, inline="always")
+def _level(row: np.ndarray, start: int, k: int, width: int, lut: np.ndarray) -> float:
+    at = start + k * width
+    if width == 1:
+        return lut[row[at]]
+    if width == 2:
+        return lut[row[at] | (np.int32(row[at + 1]) << 8)]
+    bits32 = np.empty(1, dtype=np.uint32)
+    bits32[0] = row[at] | (np.uint32(row[at + 1]) << 8) | (np.uint32(row[at + 2]) << 16) | (np.uint32(row[at + 3]) << 24)
+    return bits32.view(np.float32)[0]
+
+
+@numba.njit(cache=True)
+def _byte_tables(user: np.ndarray, bits: int, n_bytes: int) -> np.ndarray:
+    """T[b, v, k] = sum of user[j] over the dims j packed in byte b whose code in value v is k."""
+    per_byte = 8 // bits
+    n_levels = 1 << bits
+    mask = n_levels - 1
+    table = np.zeros((n_bytes, 256, n_levels), dtype=np.float32)
+    for b in range(n_bytes):
+        for v in range(256):
+            for j in range(per_byte):
+                d = b * per_byte + j
+                if d < user.shape[0]:
+                    table[b, v, (v >> (j * bits)) & mask] += user[d]
+    return table
+
+
+@numba.njit(cache=True, fastmath=True, parallel=True, boundscheck=False)
+def _scores_by_byte(rows: np.ndarray, n: int, table: np.ndarray, width: int, lut: np.ndarray) -> np.ndarray:
+    n_bytes, _, n_levels = table.shape
+    flat = table.ravel()
+    out = np.empty(n, dtype=np.float32)
+    for i in numba.prange(n):
+        row = rows[i]
+        partial = np.zeros(n_levels, dtype=np.float32)
+        for b in range(n_bytes):
+            at = (b * 256 + row[b]) * n_levels
+            for k in range(n_levels):
+                partial[k] += flat[at + k]
+        score = np.float32(0.0)
+        for k in range(n_levels):
+            score += partial[k] * _level(row, n_bytes, k, width, lut)
+        out[i] = score
+    return out
+
+
+@numba.njit(cache=True, fastmath=True, parallel=True, boundscheck=False)
+def _scores_by_code(rows: np.ndarray, n: int, user: np.ndarray, bits: int, n_bytes: int, width: int,
+                    lut: np.ndarray) -> np.ndarray:
+    n_levels = 1 << bits
+    mask = n_levels - 1
+    out = np.empty(n, dtype=np.float32)
+    for i in numba.prange(n):
+        row = rows[i]
+        levels = np.empty(n_levels, dtype=np.float32)
+        for k in range(n_levels):
+            levels[k] = _level(row, n_bytes, k, width, lut)
+        score = 0.0
+        for d in range(user.shape[0]):
+            bit = d * bits
+            word = np.int32(row[bit >> 3])
+            if (bit & 7) + bits > 8:
+                word |= np.int32(row[(bit >> 3) + 1]) << 8
+            score += user[d] * levels[(word >> (bit & 7)) & mask]
+        out[i] = score
+    return out
+
+
+BYTE_TABLE_BITS = (1, 2, 4)  # codes pack evenly into bytes and the per-request table stays small
+
+
+class PackedScorer:
+    """Scores a user vector against the first `n` of a block of packed item rows."""
+
+    def __init__(self, dim: int, bits: int, level_dtype: str):
+        self.dim, self.bits, self.level_dtype = dim, bits, level_dtype
+        self.n_bytes = code_bytes(dim, bits)
+        self.width = check_level_dtype(level_dtype).itemsize
+        self.lut = _level_lut(level_dtype)
+
+    def user_vector(self, row: np.ndarray) -> np.ndarray:
+        """A user's serving row, dequantised (one row: cheap)."""
+        codes, levels = unpack_rows(row[None, :], self.dim, self.bits, self.level_dtype)
+        return levels[0].numpy()[codes[0]].astype(np.float32)
+
+    def scores(self, user: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+        if self.bits in BYTE_TABLE_BITS:
+            table = _byte_tables(user, self.bits, self.n_bytes)
+            return _scores_by_byte(rows, n, table, self.width, self.lut)
+        return _scores_by_code(rows, n, user, self.bits, self.n_bytes, self.width, self.lut)
+
+
+@numba.njit(cache=True, boundscheck=False)
+def _best(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """One pass keeping the k best in a sorted buffer; on ties the lower index ranks first."""
+    idx = np.full(k, -1, dtype=np.int64)
+    val = np.full(k, -np.inf, dtype=np.float32)
+    for i in range(scores.shape[0]):
+        s = scores[i]
+        if s > val[k - 1]:
+            j = k - 1
+            while j > 0 and val[j - 1] < s:
+                val[j] = val[j - 1]
+                idx[j] = idx[j - 1]
+                j -= 1
+            val[j] = s
+            idx[j] = i
+    return idx, val
+
+
+def top_k(scores: np.ndarray, k: int, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and scores of the k best, best first, never an excluded index; consumes `scores`."""
+    scores[exclude[exclude < len(scores)]] = -np.inf
+    idx, val = _best(scores, max(k, 1))
+    keep = idx[:k] >= 0
+    return idx[:k][keep], val[:k][keep]

@@ -1,0 +1,1 @@
+"""Deployable applications built on gnaq_stream."""

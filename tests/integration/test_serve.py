@@ -1,0 +1,224 @@
+"""Recommender replicas (`gnaq-stream serve`, faust) following a real learner through a real broker."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gnaq_stream.config import LearnerConfig
+from gnaq_stream.serve.scoring import PackedScorer, quantize_rows, top_k
+from gnaq_stream.store.embedding_store import EmbeddingStore, inspect_store
+
+from .conftest import GROUP_CONSUMER_KWARGS, create_topic, free_port, produce, wait_until
+from .test_consume import consume_cmd, encode, ml100k_events
+
+SESSION = str(GROUP_CONSUMER_KWARGS["session_timeout_ms"] / 1000)
+
+
+class Replica:
+    def __init__(self, bootstrap: str, topic: str, workdir: Path, name: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(workdir / f"{name}.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gnaq_stream.cli", "serve", "--bootstrap-servers", bootstrap,
+             "--updates-topic", topic, "--store", str(workdir / name), "--group", name, "--port", str(self.port),
+             "--session-timeout-seconds", SESSION, "--log-level", "INFO"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def get(self, path: str) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def health(self) -> dict:
+        try:
+            return self.get("/healthz")[1]
+        except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+            return {}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def replicas(kafka_broker, tmp_path):
+    started: list[Replica] = []
+
+    def start(topic: str, n: int) -> list[Replica]:
+        for k in range(n):
+            started.append(Replica(kafka_broker.bootstrap, topic, tmp_path, f"replica-{len(started)}"))
+        return started[-n:]
+
+    yield start
+    for r in started:
+        r.stop()
+
+
+def learner_top_k(store: Path, users: list[str], k: int) -> dict[str, list[str]]:
+    """The learner's own answer, computed from its store: propagate, quantize to serving rows, score."""
+    with EmbeddingStore(store, read_only=True) as s:
+        learner = s.load_learner(LearnerConfig())
+    learner.refresh_final_embeddings(force=True)
+    cfg, g = learner.cfg, learner.graph
+    user_rows = quantize_rows(learner.final_users, cfg.bits, cfg.level_dtype)
+    item_rows = quantize_rows(learner.final_items, cfg.bits, cfg.level_dtype)
+    scorer = PackedScorer(cfg.dim, cfg.bits, cfg.level_dtype)
+    out = {}
+    for user in users:
+        u = g.users.get(user)
+        scores = scorer.scores(scorer.user_vector(user_rows[u]), item_rows, len(item_rows))
+        best, _ = top_k(scores, k, np.asarray(g.user_items[u], dtype=np.int64))
+        out[user] = [g.items.external[i] for i in best.tolist()]
+    return out
+
+
+def run_learner(bootstrap: str, topic: str, store: Path, n: int) -> None:
+    proc = subprocess.run(consume_cmd(bootstrap, topic, store, "--max-events", str(n), "--micro-batch-size", "500",
+                                      "--updates-topic", f"{topic}-updates"),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_two_replicas_follow_the_learner_and_answer_like_it(kafka_broker, replicas, data_dir, tmp_path):
+    events = ml100k_events(data_dir, 3000)
+    create_topic(kafka_broker.bootstrap, "ml", partitions=2)
+    create_topic(kafka_broker.bootstrap, "ml-updates", partitions=2)
+    produce(kafka_broker.bootstrap, "ml", encode(events))
+    pair = replicas("ml-updates", 2)
+    store = tmp_path / "learner"
+    run_learner(kafka_broker.bootstrap, "ml", store, len(events))
+    version = inspect_store(store)["model_version"]
+    for r in pair:
+        wait_until(lambda: r.health().get("model_version") == version, 90, f"{r.url} at version {version}")
+    users = sorted({str(u) for u, _, _ in events})[::7][:25]
+    expected = learner_top_k(store, users, 20)
+    for user in users:
+        answers = [r.get(f"/recommend/{user}?k=20") for r in pair]
+        assert all(status == 200 for status, _ in answers)
+        first, second = (body for _, body in answers)
+        assert first == second
+        assert first["model_version"] == version
+        assert [row["item"] for row in first["items"]] == expected[user]
+        scores = [row["score"] for row in first["items"]]
+        assert scores == sorted(scores, reverse=True)
+        seen = {str(i) for u, i, _ in events if str(u) == user}
+        assert not seen & set(expected[user])
+
+
+def test_serving_while_the_learner_writes(kafka_broker, replicas, data_dir, tmp_path):
+    events = ml100k_events(data_dir, 6000)
+    create_topic(kafka_broker.bootstrap, "live", partitions=2)
+    create_topic(kafka_broker.bootstrap, "live-updates", partitions=1)
+    produce(kafka_broker.bootstrap, "live", encode(events[:1000]))
+    (replica,) = replicas("live-updates", 1)
+    store = tmp_path / "learner"
+    learner = subprocess.Popen(consume_cmd(kafka_broker.bootstrap, "live", store, "--max-events", "6000",
+                                           "--micro-batch-size", "250", "--refresh-seconds", "0.2",
+                                           "--updates-topic", "live-updates"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: replica.health().get("status") == "ok", 90, "the replica's first model")
+    users = sorted({str(u) for u, _, _ in events[:1000]})
+    answers: list[tuple[int, dict]] = []
+    done = threading.Event()
+
+    def hammer() -> None:
+        k = 0
+        while not done.is_set():
+            answers.append(replica.get(f"/recommend/{users[k % len(users)]}?k=10"))
+            k += 1
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    produce(kafka_broker.bootstrap, "live", encode(events[1000:]))
+    _, stderr = learner.communicate(timeout=240)
+    assert learner.returncode == 0, stderr[-2000:]
+    final = inspect_store(store)["model_version"]
+    wait_until(lambda: replica.health().get("model_version") == final, 90, "the replica catching up")
+    done.set()
+    thread.join()
+    assert len(answers) > 20
+    assert all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:3]
+    versions = [body["model_version"] for _, body in answers]
+    assert versions == sorted(versions) and versions[-1] > versions[0]  # several versions, never backwards
+    for _, body in answers:
+        assert len(body["items"]) == 10 and body["user_version"] <= final
+
+
+def test_bad_requests_get_json_4xx_and_the_service_keeps_serving(kafka_broker, replicas, data_dir, tmp_path):
+    events = ml100k_events(data_dir, 1000)
+    create_topic(kafka_broker.bootstrap, "bad", partitions=1)
+    produce(kafka_broker.bootstrap, "bad", encode(events))
+    (replica,) = replicas("bad-updates", 1)
+    run_learner(kafka_broker.bootstrap, "bad", tmp_path / "learner", len(events))
+    wait_until(lambda: replica.health().get("status") == "ok", 90, "the replica's model")
+    user = str(events[0][0])
+    cases = {
+        "/recommend/no-such-user?k=5": 404,
+        f"/recommend/{user}?k=0": 400,
+        f"/recommend/{user}?k=-3": 400,
+        f"/recommend/{user}?k=100000000": 400,
+        f"/recommend/{user}?k=ten": 400,
+        f"/recommend/{user}?k=": 400,
+        "/recommend/" + "x" * 10000: 400,
+        "/no/such/route": 404,
+    }
+    for path, status in cases.items():
+        got, body = replica.get(path)
+        assert (got, sorted(body)) == (status, ["error"]), path[:60]
+    status, body = replica.get(f"/recommend/{user}?k=5")
+    assert status == 200 and len(body["items"]) == 5
+
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "gnaq-stream.json"
+
+
+def dashboard_metric_names() -> set[str]:
+    """Every metric name referenced by a PromQL expression of the provisioned dashboard."""
+    board = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for panel in board["panels"] for t in panel.get("targets", [])]
+    assert len(exprs) >= 10
+    return {name for expr in exprs for name in re.findall(r"\b(gnaq_[a-z0-9_]+)\b", expr)}
+
+
+def test_every_metric_the_dashboard_queries_is_exported(kafka_broker, replicas, start_prometheus, data_dir,
+                                                        tmp_path):
+    events = ml100k_events(data_dir, 1500)
+    create_topic(kafka_broker.bootstrap, "dash", partitions=1)
+    produce(kafka_broker.bootstrap, "dash", encode(events))
+    (replica,) = replicas("dash-updates", 1)
+    port = free_port()
+    learner = subprocess.Popen(consume_cmd(kafka_broker.bootstrap, "dash", tmp_path / "learner", "--metrics-port",
+                                           str(port), "--micro-batch-size", "250", "--updates-topic", "dash-updates"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: replica.health().get("users", 0) > 0, 120, "the replica's first rows")
+        user = str(events[0][0])
+        assert replica.get(f"/recommend/{user}?k=10")[0] == 200
+        assert replica.get("/recommend/nobody?k=10")[0] == 404
+        prom = start_prometheus([f"127.0.0.1:{port}", f"127.0.0.1:{replica.port}"])
+        wait_until(lambda: prom.targets_health() == ["up", "up"], 30, "both targets up")
+        for name in sorted(dashboard_metric_names()):
+            prom.wait_for(f"count({name})", timeout=30)
+    finally:
+        learner.send_signal(signal.SIGTERM)
+        _, err = learner.communicate(timeout=60)
+    assert learner.returncode == 0, err.decode()[-2000:]
