@@ -1,0 +1,239 @@
+"""Serving latency, throughput, memory and accuracy of top-K from packed rows, in one run per dataset.
+
+For each dataset and checkpoint:
+1. Serving rows are produced the production way: the learner (`StreamLearner.from_checkpoint`)
+   propagates, and `UpdatesPublisher` quantizes and publishes them to a local Tansu broker.
+2. In process, for the same random users, in alternating blocks: packed scoring (`PackedScorer` +
+   `top_k`) against dequantise-once-then-matmul (an fp32 item matrix held in memory, same top-K):
+   per-request latency and the bytes each holds per item table.
+3. Over HTTP: one `gnaq-stream serve` replica follows the topic; client threads request
+   /recommend/{user}?k=20 for random users: p50/p99 latency and requests/s (clients share the 2 cores).
+4. Accuracy: Recall@20 / NDCG@20 on the test split of the served rows against the model's own float
+   final embeddings (the cost of quantizing what is served).
+
+    python benchmarks/serve_latency.py --datasets gowalla yelp \
+        --checkpoints runs/benchmarks/gowalla/0-gnaq-2 runs/serve/yelp-gnaq-2
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from kafka import KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import write_section  # noqa: E402
+from stream_throughput import free_port, start_broker  # noqa: E402
+
+from gnaq_stream.checkpoint import load_checkpoint  # noqa: E402
+from gnaq_stream.config import LearnerConfig  # noqa: E402
+from gnaq_stream.data.datasets import load_dataset, resolve_name  # noqa: E402
+from gnaq_stream.quant.packing import unpack_rows  # noqa: E402
+from gnaq_stream.quant.quantizer import dequantize  # noqa: E402
+from gnaq_stream.serve.scoring import PackedScorer, top_k  # noqa: E402
+from gnaq_stream.stream.learner import StreamLearner  # noqa: E402
+from gnaq_stream.stream.updates import UpdatesPublisher  # noqa: E402
+from gnaq_stream.train.evaluation import evaluate_ranking, interaction_matrix  # noqa: E402
+
+K = 20
+
+
+def percentiles(seconds: list[float]) -> tuple[float, float]:
+    ms = np.asarray(seconds) * 1e3
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def in_process(learner: StreamLearner, rows: dict[str, np.ndarray], users: np.ndarray) -> dict:
+    cfg, g = learner.cfg, learner.graph
+    scorer = PackedScorer(cfg.dim, cfg.bits, cfg.level_dtype)
+    item_rows = rows["item"]
+    codes, levels = unpack_rows(item_rows, cfg.dim, cfg.bits, cfg.level_dtype)
+    fp32 = dequantize(levels, torch.from_numpy(codes)).numpy()
+    histories = [np.asarray(g.user_items[u], dtype=np.int64) for u in users.tolist()]
+
+    def packed(k: int) -> np.ndarray:
+        vector = scorer.user_vector(rows["user"][users[k]])
+        return top_k(scorer.scores(vector, item_rows, len(item_rows)), K, histories[k])[0]
+
+    def dense(k: int) -> np.ndarray:
+        vector = scorer.user_vector(rows["user"][users[k]])
+        return top_k(fp32 @ vector, K, histories[k])[0]
+
+    for k in range(len(users)):  # same numbers up to float summation order: at most a tie apart
+        shared = len(set(packed(k).tolist()) & set(dense(k).tolist()))
+        assert shared >= K - 2, f"packed and fp32 top-{K} differ beyond ties: {shared} shared"
+    times: dict[str, list[float]] = {"packed": [], "fp32": []}
+    # blocks, not alternation: numba's and BLAS's thread pools slow each other when interleaved
+    for name in ("packed", "fp32", "fp32", "packed"):
+        path = packed if name == "packed" else dense
+        for k in range(len(users)):
+            start = time.perf_counter()
+            path(k)
+            times[name].append(time.perf_counter() - start)
+    return {"packed_ms": percentiles(times["packed"]), "fp32_ms": percentiles(times["fp32"]),
+            "packed_bytes": item_rows.nbytes, "fp32_bytes": fp32.nbytes,
+            "packed_per_s": 1 / np.mean(times["packed"]), "fp32_per_s": 1 / np.mean(times["fp32"])}
+
+
+def over_http(port: int, users: list[str], clients: int, requests: int) -> dict:
+    latencies: list[float] = []
+    errors: list[int] = []
+    lock = threading.Lock()
+
+    def client(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        mine, bad = [], []
+        for _ in range(requests // clients):
+            user = users[rng.integers(len(users))]
+            start = time.perf_counter()
+            conn.request("GET", f"/recommend/{user}?k={K}")
+            response = conn.getresponse()
+            body = response.read()
+            mine.append(time.perf_counter() - start)
+            if response.status != 200 or len(json.loads(body)["items"]) != K:
+                bad.append(response.status)
+        conn.close()
+        with lock:
+            latencies.extend(mine)
+            errors.extend(bad)
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    p50, p99 = percentiles(latencies)
+    return {"http_p50_ms": p50, "http_p99_ms": p99, "http_per_s": len(latencies) / elapsed, "http_errors": len(errors),
+            "http_requests": len(latencies), "clients": clients}
+
+
+def accuracy(learner: StreamLearner, rows: dict[str, np.ndarray], dataset: str, data_dir: str | None) -> dict:
+    data = load_dataset(dataset, data_dir)
+    cfg = learner.cfg
+    truth = interaction_matrix(data.n_users, data.n_items, data.test)
+    known = interaction_matrix(data.n_users, data.n_items, data.train)
+    served = {}
+    for kind in ("user", "item"):
+        codes, levels = unpack_rows(rows[kind], cfg.dim, cfg.bits, cfg.level_dtype)
+        served[kind] = dequantize(levels, torch.from_numpy(codes))
+    model = evaluate_ranking(learner.final_users, learner.final_items, truth, known)
+    rows_metrics = evaluate_ranking(served["user"], served["item"], truth, known)
+    return {"model_recall": model["recall@20"], "model_ndcg": model["ndcg@20"],
+            "served_recall": rows_metrics["recall@20"], "served_ndcg": rows_metrics["ndcg@20"]}
+
+
+def run(dataset: str, checkpoint: str, args: argparse.Namespace, work: Path, bootstrap: str) -> dict:
+    learner = StreamLearner.from_checkpoint(load_checkpoint(checkpoint), LearnerConfig())
+    learner.refresh_final_embeddings(force=True)
+    topic = f"{resolve_name(dataset)}-updates"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(topic, 1, 1)])
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, batch_size=256 * 1024, acks=1)
+    publisher = UpdatesPublisher(producer, topic, learner.cfg.bits)
+    start = time.perf_counter()
+    sent = publisher.publish(learner, np.arange(learner.graph.n_users))
+    publish_s = time.perf_counter() - start
+    producer.close()
+    rows = publisher.sent
+    rng = np.random.default_rng(11)
+    users = rng.choice(learner.graph.n_users, size=args.users, replace=False)
+    result = {"dataset": resolve_name(dataset), "checkpoint": checkpoint, "items": len(rows["item"]),
+              "users": len(rows["user"]), "rows_published": sent, "publish_s": publish_s,
+              **in_process(learner, rows, users)}
+    port = free_port()
+    log = open(work / f"serve-{dataset}.log", "wb")
+    replica = subprocess.Popen(["gnaq-stream", "serve", "--bootstrap-servers", bootstrap, "--updates-topic", topic,
+                                "--store", str(work / f"serve-{dataset}"), "--group", f"bench-{dataset}", "--port",
+                                str(port), "--session-timeout-seconds", "6"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if replica.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"replica did not catch up: {(work / f'serve-{dataset}.log').read_text()[-2000:]}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/healthz")
+                health = json.loads(conn.getresponse().read())
+                conn.close()
+                if health.get("items") == result["items"] and health.get("users") == result["users"]:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        result["catch_up_s"] = time.perf_counter() - start - publish_s
+        ids = [learner.graph.users.external[u] for u in users.tolist()]
+        over_http(port, ids, args.clients, 200)  # warm-up: numba compilation, connections
+        result.update(over_http(port, ids, args.clients, args.requests))
+    finally:
+        replica.terminate()
+        replica.wait(30)
+    result.update(accuracy(learner, rows, dataset, args.data_dir))
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=["gowalla", "yelp"])
+    p.add_argument("--checkpoints", nargs="+", required=True, help="one quantized checkpoint per dataset")
+    p.add_argument("--users", type=int, default=1000, help="random users for the in-process comparison")
+    p.add_argument("--requests", type=int, default=4000)
+    p.add_argument("--clients", type=int, default=4, help="concurrent HTTP client threads")
+    p.add_argument("--data-dir")
+    args = p.parse_args()
+    if len(args.checkpoints) != len(args.datasets):
+        p.error("give one checkpoint per dataset")
+    work = Path(tempfile.mkdtemp(prefix="gnaq-serve-bench-"))
+    broker, bootstrap = start_broker(work)
+    try:
+        results = [run(d, c, args, work, bootstrap) for d, c in zip(args.datasets, args.checkpoints)]
+    finally:
+        broker.terminate()
+        broker.wait(30)
+        shutil.rmtree(work, ignore_errors=True)
+    write_section("serve_latency", report(results))
+
+
+def report(results: list[dict]) -> str:
+    lines = ["## Serving latency (`benchmarks/serve_latency.py`)", "",
+             f"Top-{K} over all items for random users. In process: the same users, packed scoring and",
+             "dequantise-once-then-matmul (fp32 item matrix held) in alternating blocks, same top-K.",
+             "Over HTTP: one `gnaq-stream serve` replica fed through a local Tansu broker, client threads on",
+             "the same 2 cores. Accuracy: the test split scored with the served rows vs the model's float",
+             "final embeddings.", "",
+             "| dataset | items | packed p50 / p99 | fp32 p50 / p99 | packed / fp32 time | item bytes packed / fp32 "
+             "| HTTP p50 / p99 | HTTP req/s | Recall@20 served / model | NDCG@20 served / model |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(
+            f"| {r['dataset']} | {r['items']:,} | {r['packed_ms'][0]:.2f} / {r['packed_ms'][1]:.2f} ms "
+            f"| {r['fp32_ms'][0]:.2f} / {r['fp32_ms'][1]:.2f} ms | {r['fp32_per_s'] / r['packed_per_s']:.2f}x "
+            f"| {r['packed_bytes'] / 2**20:.2f} / {r['fp32_bytes'] / 2**20:.2f} MiB "
+            f"({r['fp32_bytes'] / r['packed_bytes']:.1f}x less) "
+            f"| {r['http_p50_ms']:.2f} / {r['http_p99_ms']:.2f} ms | {r['http_per_s']:,.0f} ({r['clients']} clients, "
+            f"{r['http_errors']} errors) "
+            f"| {r['served_recall']:.4f} / {r['model_recall']:.4f} | {r['served_ndcg']:.4f} / {r['model_ndcg']:.4f} |")
+    lines += ["", "Publishing and catching up: " + "; ".join(
+        f"{r['dataset']}: {r['rows_published']:,} rows published in {r['publish_s']:.1f} s, replica caught up "
+        f"{r['catch_up_s']:.1f} s later" for r in results) + "."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
