@@ -135,8 +135,8 @@ def test_serving_while_the_learner_writes(kafka_broker, replicas, data_dir, tmp_
                                            "--micro-batch-size", "250", "--refresh-seconds", "0.2",
                                            "--updates-topic", "live-updates"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: replica.health().get("status") == "ok", 90, "the replica's first model")
     users = sorted({str(u) for u, _, _ in events[:1000]})
+    wait_until(lambda: replica.health().get("users", 0) >= len(users), 90, "the first 1000 events served")
     answers: list[tuple[int, dict]] = []
     done = threading.Event()
 
@@ -169,7 +169,8 @@ def test_bad_requests_get_json_4xx_and_the_service_keeps_serving(kafka_broker, r
     produce(kafka_broker.bootstrap, "bad", encode(events))
     (replica,) = replicas("bad-updates", 1)
     run_learner(kafka_broker.bootstrap, "bad", tmp_path / "learner", len(events))
-    wait_until(lambda: replica.health().get("status") == "ok", 90, "the replica's model")
+    version = inspect_store(tmp_path / "learner")["model_version"]
+    wait_until(lambda: replica.health().get("model_version") == version, 90, "the replica caught up")
     user = str(events[0][0])
     cases = {
         "/recommend/no-such-user?k=5": 404,
