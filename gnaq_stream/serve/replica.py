@@ -99,7 +99,9 @@ class Replica:
 
     def _apply_meta(self, meta: dict) -> bool:
         shape = ("dim", "bits", "level_dtype")
-        if self.meta is not None and meta["version"] < self.meta["version"]:
+        if self.meta is not None and meta["model_id"] != self.meta["model_id"]:
+            self._reset()  # another model (e.g. a learner started on a new store): its versions restart
+        elif self.meta is not None and meta["version"] < self.meta["version"]:
             return False
         if self.meta is None or any(meta[k] != self.meta[k] for k in shape):
             width = row_bytes(meta["dim"], meta["bits"], meta["level_dtype"])
@@ -110,6 +112,12 @@ class Replica:
                     setattr(self, table, _Rows(width))
         self.meta = meta
         return True
+
+    def _reset(self) -> None:
+        self.meta = self.scorer = self.users = self.items = None
+        self.user_index.clear()
+        self.histories.clear()
+        self.db.delete_range(b"\x00", b"\xff")
 
     def _apply_record(self, update: RowUpdate | HistoryUpdate) -> bool:
         if isinstance(update, HistoryUpdate):

@@ -6,7 +6,7 @@ crash the store is exactly the state after some micro-batch, and reading resumes
 stored with it, so no event is lost or applied twice.
 
 Keys (integers big-endian so keys sort by index):
-    b"Mmodel"                      JSON: dim, bits, level_dtype, n_layers, format
+    b"Mmodel"                      JSON: format, model_id, dim, bits, level_dtype, n_layers (written once)
     b"Mstate"                      JSON: version, n_users, n_items, n_edges, n_events
     b"U" + u32 idx / b"I" + u32    node row: u64 LE version + packed row (gnaq_stream.quant.packing)
     b"u" + u32 idx / b"i" + u32    external id (UTF-8) of a user / item
@@ -120,8 +120,10 @@ class EmbeddingStore:
         """One atomic WriteBatch: changed rows, new ids, edge counts, offsets, counters."""
         g, cfg = learner.graph, learner.cfg
         wb = WriteBatch(raw_mode=True)
-        wb.put(b"Mmodel", json.dumps({"format": STORE_FORMAT, "dim": cfg.dim, "bits": cfg.bits,
-                                      "level_dtype": cfg.level_dtype, "n_layers": cfg.n_layers}).encode())
+        if self.is_empty():
+            wb.put(b"Mmodel", json.dumps({"format": STORE_FORMAT, "model_id": learner.model_id, "dim": cfg.dim,
+                                          "bits": cfg.bits, "level_dtype": cfg.level_dtype,
+                                          "n_layers": cfg.n_layers}).encode())
         first_user = g.n_users - len(result.new_users) if first_user is None else first_user
         first_item = g.n_items - len(result.new_items) if first_item is None else first_item
         for kind, first, names in ((b"u", first_user, result.new_users), (b"i", first_item, result.new_items)):
@@ -177,7 +179,8 @@ class EmbeddingStore:
                 raise StoreError(f"{self.path}: {seen} rows for {n} {prefix.decode()} nodes")
             table.load_rows(rows, versions)
             tables.append(table)
-        return StreamLearner(cfg, graph, tables[0], tables[1], version=state["version"])
+        return StreamLearner(cfg, graph, tables[0], tables[1], version=state["version"],
+                             model_id=meta.get("model_id"))
 
 
 def inspect_store(path: str | Path) -> dict:

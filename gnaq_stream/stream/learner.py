@@ -8,6 +8,7 @@ propagation, losses, quantizer initialisation and RAU code rule.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,8 +43,12 @@ class BatchResult:
 
 class StreamLearner:
     def __init__(self, cfg: LearnerConfig, graph: InteractionGraph | None = None,
-                 users: NodeTable | None = None, items: NodeTable | None = None, version: int = 0):
+                 users: NodeTable | None = None, items: NodeTable | None = None, version: int = 0,
+                 model_id: str | None = None):
         self.cfg = cfg
+        # names this model for its whole life (kept in the store): versions count within one model,
+        # so a replica that sees another model id starts over instead of ignoring "older" versions
+        self.model_id = model_id or uuid.uuid4().hex
         self.graph = graph or InteractionGraph()
         self.users = users or NodeTable(cfg.dim, cfg.bits, cfg.level_dtype)
         self.items = items or NodeTable(cfg.dim, cfg.bits, cfg.level_dtype)

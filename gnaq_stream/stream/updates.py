@@ -1,9 +1,11 @@
 """The embedding-updates topic: how one learner feeds any number of serving replicas.
 
 Records (key -> value; integers in keys big-endian so they sort, in values little-endian):
-    b"M"                  JSON {"format", "dim", "bits", "level_dtype", "version", "n_users", "n_items"}:
-                          sent after each publication, so a replica knows which learner version
-                          it has completely received
+    b"M"                  JSON {"format", "model_id", "dim", "bits", "level_dtype", "version", "n_users",
+                          "n_items"}: sent after each publication, so a replica knows which learner
+                          version it has completely received; a learner's first publication also
+                          starts with one (version -1), so a replica meeting a new model id starts
+                          over before that model's rows arrive
     b"U" / b"I" + u32 idx + external id (UTF-8)
                           u64 version | serving row (packed, gnaq_stream.quant.packing)
     b"H" + u32 user idx   u64 version | u32 item indices of everything the user interacted with
@@ -92,6 +94,8 @@ class UpdatesPublisher:
     def publish(self, learner: StreamLearner, users: np.ndarray) -> int:
         """Histories of `users`, then, if the learner propagated since the last call, its changed
         serving rows and the meta record; flushed. Returns how many rows were sent."""
+        if self.published_version < 0:  # first publication: announce the model before anything of it
+            self.producer.send(self.topic, key=b"M", value=json.dumps(self._meta(learner, -1)).encode())
         version = _VERSION.pack(learner.version)
         for u in users.tolist():
             items = np.asarray(learner.graph.user_items[u], dtype="<u4")
@@ -121,8 +125,12 @@ class UpdatesPublisher:
                 self.producer.send(self.topic, key=row_key(kind, idx, ids[idx]), value=version + rows[idx].tobytes())
             fresh[kind] = rows
             count += int(changed.sum())
-        meta = {"format": UPDATES_FORMAT, "dim": cfg.dim, "bits": self.serve_bits, "level_dtype": cfg.level_dtype,
-                "version": learner.final_version, "n_users": len(learner.final_users),
-                "n_items": len(learner.final_items)}
+        meta = self._meta(learner, learner.final_version)
         self.producer.send(self.topic, key=b"M", value=json.dumps(meta).encode())
         return fresh, count
+
+    def _meta(self, learner: StreamLearner, version: int) -> dict:
+        cfg = learner.cfg
+        return {"format": UPDATES_FORMAT, "model_id": learner.model_id, "dim": cfg.dim, "bits": self.serve_bits,
+                "level_dtype": cfg.level_dtype, "version": version, "n_users": len(learner.final_users),
+                "n_items": len(learner.final_items)}

@@ -112,7 +112,7 @@ def create_app(cfg: ServeConfig, replica: Replica, metrics: ServeMetrics) -> fau
     async def healthz(web, request):
         started = time.perf_counter()
         info = replica.info()
-        return answer(web, "healthz", started, {"status": "ok" if info["meta"] else "waiting", **info})
+        return answer(web, "healthz", started, {"status": "ok" if info["model_version"] >= 0 else "waiting", **info})
 
     @app.page("/metrics")
     async def prometheus(web, request):

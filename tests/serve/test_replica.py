@@ -80,3 +80,24 @@ def test_meta_record_of_another_format_is_refused(tmp_path):
     with pytest.raises(UpdateFormatError):
         replica.apply(b"M", json.dumps({"format": "other/9"}).encode())
     replica.close()
+
+
+def test_a_new_model_id_replaces_the_old_model(tmp_path):
+    _, _, old, _ = _learner_and_records()
+    replica = Replica(tmp_path / "r")
+    for key, value in old.records:
+        replica.apply(key, value)
+    fresh = StreamLearner(CFG)  # e.g. a learner restarted on a new store: versions start again at 1
+    producer = RecordingProducer()
+    fresh.apply_micro_batch([Event("v0", "j0", 1.0), Event("v1", "j1", 2.0)])
+    fresh.refresh_final_embeddings(force=True)
+    UpdatesPublisher(producer, "updates", CFG.bits).publish(fresh, np.arange(2))
+    assert producer.records[0][0] == b"M" and decode_meta(producer.records[0][1])["version"] == -1
+    for key, value in producer.records:
+        replica.apply(key, value)
+    assert replica.meta["model_id"] == fresh.model_id and replica.model_version == fresh.version
+    assert replica.recommend("v0", 5)["items"] == [{"item": "j1", "score": pytest.approx(
+        replica.recommend("v0", 5)["items"][0]["score"])}]
+    with pytest.raises(UnknownUser):
+        replica.recommend("u0", 5)
+    replica.close()
