@@ -42,12 +42,8 @@ class StoreError(GnaqError):
     """The store cannot be opened or does not match the model."""
 
 
-def encode_row(version: int, packed: bytes) -> bytes:
-    """A stored node row: the model version that last changed it, then the packed codes + levels."""
-    return _VERSION.pack(version) + packed
-
-
 def decode_row(value: bytes) -> tuple[int, bytes]:
+    """A stored node row: the model version that last changed it, then the packed codes + levels."""
     return _VERSION.unpack_from(value)[0], value[_VERSION.size:]
 
 
@@ -134,9 +130,14 @@ class EmbeddingStore:
         for prefix, table, idx in ((b"U", learner.users, result.changed_users),
                                    (b"I", learner.items, result.changed_items)):
             if len(idx):
-                rows = table.packed(idx)
-                for j, node in enumerate(idx.tolist()):
-                    wb.put(prefix + _U32.pack(node), encode_row(int(table.version[node]), rows[j].tobytes()))
+                # keys and values built as arrays: a batch can change tens of thousands of rows
+                keys = np.empty((len(idx), 5), dtype=np.uint8)
+                keys[:, 0] = prefix[0]
+                keys[:, 1:] = idx.astype(">u4").view(np.uint8).reshape(-1, 4)
+                values = np.concatenate([table.version[idx].astype("<u8").view(np.uint8).reshape(-1, 8),
+                                         table.packed(idx)], axis=1)
+                for key, value in zip(keys, values):
+                    wb.put(key.tobytes(), value.tobytes())
         for key, count in result.edge_events.items():
             wb.put(b"E" + _U32.pack(key >> 32) + _U32.pack(key & 0xFFFFFFFF), _COUNT.pack(count))
         for (topic, part), offset in offsets.items():

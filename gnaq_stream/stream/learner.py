@@ -7,6 +7,7 @@ propagation, losses, quantizer initialisation and RAU code rule.
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class StreamLearner:
         self.items = items or NodeTable(cfg.dim, cfg.bits, cfg.level_dtype)
         self.version = version
         self.rng = np.random.default_rng(cfg.seed)
+        self.sampler = random.Random(cfg.seed)  # k of n without replacement in O(k), not numpy's O(n)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.final_users = torch.zeros(0, cfg.dim)
         self.final_items = torch.zeros(0, cfg.dim)
@@ -135,7 +137,7 @@ class StreamLearner:
 
     def _sample(self, neighbours: list[int]) -> list[int]:
         cap = self.cfg.neighbour_samples
-        return neighbours if len(neighbours) <= cap else self.rng.choice(neighbours, cap, replace=False).tolist()
+        return neighbours if len(neighbours) <= cap else self.sampler.sample(neighbours, cap)
 
     def _neighbour_mean(self, neighbours: list[int], table: NodeTable, two_hop: list[list[int]],
                         two_hop_table: NodeTable) -> torch.Tensor | None:
