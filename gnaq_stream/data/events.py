@@ -12,6 +12,8 @@ import json
 import math
 from dataclasses import dataclass
 
+import orjson
+
 REJECTION_REASONS = ("too_large", "invalid_json", "not_an_object", "missing_field", "wrong_type",
                      "bad_timestamp", "bad_weight")
 DEFAULT_MAX_BYTES = 4096
@@ -53,9 +55,12 @@ def parse_event(raw: bytes | None, max_bytes: int = DEFAULT_MAX_BYTES) -> Event 
     if len(raw) > max_bytes:
         return Rejection("too_large", f"{len(raw)} bytes > limit {max_bytes}")
     try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        return Rejection("invalid_json", str(exc)[:200])
+        obj = orjson.loads(raw)  # the hot path: several times faster than json for small objects
+    except orjson.JSONDecodeError:
+        try:  # what orjson refuses but Python's json reads (NaN, Infinity, huge integers) is judged below
+            obj = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            return Rejection("invalid_json", str(exc)[:200])
     if not isinstance(obj, dict):
         return Rejection("not_an_object", f"JSON {type(obj).__name__}, expected an object")
     missing = [k for k in ("user", "item", "ts") if k not in obj]

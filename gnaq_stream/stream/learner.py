@@ -172,16 +172,16 @@ class StreamLearner:
         """Touched nodes, a sample of their neighbours and the negatives, with the edges among them
         that refinement sees, normalised by global degrees (so a node's scale matches the full graph)."""
         g = self.graph
-        eu, ei = [users], [items]
+        eu, ei = users.tolist(), items.tolist()  # plain lists: one array at the end, not two per node
         for u in np.unique(users).tolist():
             picked = self._sample(g.user_items[u])
-            eu.append(np.full(len(picked), u))
-            ei.append(np.asarray(picked, dtype=np.int64))
+            eu += [u] * len(picked)
+            ei += picked
         for i in np.unique(items).tolist():
             picked = self._sample(g.item_users[i])
-            eu.append(np.asarray(picked, dtype=np.int64))
-            ei.append(np.full(len(picked), i))
-        keys = np.unique(np.concatenate(eu) << 32 | np.concatenate(ei))
+            eu += picked
+            ei += [i] * len(picked)
+        keys = np.unique(np.array(eu, dtype=np.int64) << 32 | np.array(ei, dtype=np.int64))
         su, si = keys >> 32, keys & 0xFFFFFFFF
         local_u = np.unique(su)
         local_i = np.unique(np.concatenate([si, negatives.ravel()]))
