@@ -69,7 +69,6 @@ class Replica:
         self.items: _Rows | None = None
         self.user_index: dict[str, int] = {}
         self.histories: dict[int, tuple[int, np.ndarray]] = {}
-        self.applied = self.stale = 0
         it = self.db.iter()
         it.seek_to_first()
         while it.valid():  # a restarted replica serves what it had before it reads the topic again
@@ -89,12 +88,8 @@ class Replica:
             fresh = self._apply_meta(decode_meta(value))
         else:
             fresh = self._apply_record(decode_update(key, value))
-        if fresh:
-            self.applied += 1
-            if persist:
-                self.db[key] = value
-        else:
-            self.stale += 1
+        if fresh and persist:
+            self.db[key] = value
         return fresh
 
     def _apply_meta(self, meta: dict) -> bool:
