@@ -6,6 +6,8 @@ to docs/img/<dataset>-<scenario>/.
 
     simulator replay --dataset gowalla-ts --epochs 30 --batch-size 8192
     python benchmarks/replay_report.py runs/simulator/gowalla-ts-none
+    GNAQ_REFINE_MAX_EVENTS=2500 simulator replay --dataset yelp --epochs 15 --out runs/simulator/yelp-rme
+    python benchmarks/replay_report.py runs/simulator/yelp-rme --variant GNAQ_REFINE_MAX_EVENTS=2500
 """
 
 from __future__ import annotations
@@ -31,11 +33,15 @@ def replay_command(r: dict) -> str:
                                                                    else []), *flags])
 
 
-def render(r: dict, images: str, ran_on: str) -> str:
+def render(r: dict, images: str, ran_on: str, variant: str) -> str:
     s = r["summary"]
     t = r["timings"]
-    lines = [f"## Replay of {r['dataset']} (`simulator replay`, scenario `{r['scenario']['name']}`)", "",
-             f"Replay run on {ran_on} with `{replay_command(r)}` (report rendered by the command above).",
+    title = f"## Replay of {r['dataset']} (`simulator replay`, scenario `{r['scenario']['name']}`)"
+    command = replay_command(r)
+    if variant:  # learner settings come from GNAQ_* variables of the environment the replay ran in
+        title, command = f"{title}, learner with {variant}", f"{variant} {command}"
+    lines = [title, "",
+             f"Replay run on {ran_on} with `{command}` (report rendered by the command above).",
              f"{r['events']:,} events in {r['order']}; base block {r['base']['events']:,} events trained offline "
              f"in {r['base']['train_seconds']:.0f} s, then {len(r['blocks'])} blocks, each evaluated before it is "
              "streamed in (test-then-train).", "",
@@ -67,16 +73,19 @@ def render(r: dict, images: str, ran_on: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("report_dir", type=Path, help="a replay's output folder (holds report.json and the plots)")
+    p.add_argument("--variant", default="", help="learner settings the replay ran with, as GNAQ_NAME=value ...")
     args = p.parse_args()
     report = args.report_dir / "report.json"
     r = json.loads(report.read_text())
     name = f"{r['dataset']}-{r['scenario']['name']}"
+    if args.variant:
+        name += "-" + "-".join(v.split("=")[-1] for v in args.variant.split())
     images = DOC.parent / "img" / name
     images.mkdir(parents=True, exist_ok=True)
     for png in ("accuracy.png", "model_bytes.png", "update_cost.png"):
         shutil.copy(args.report_dir / png, images / png)
     ran_on = dt.date.fromtimestamp(report.stat().st_mtime).isoformat()
-    write_section(f"replay_{name}", render(r, f"img/{name}", ran_on))
+    write_section(f"replay_{name}", render(r, f"img/{name}", ran_on, args.variant))
 
 
 if __name__ == "__main__":
