@@ -136,7 +136,8 @@ class StreamConsumer:
                 self.pending.extend(records)
                 self.last_activity = now
             self._update_lag()
-            if not polled and not self.pending and self.learner.final_version != self.learner.version:
+            idle = not polled and not self.pending
+            if self.updates and idle and self.learner.final_version != self.learner.version:
                 self._publish_updates(0, refresh=True)  # idle: let the replicas catch up fully
             full = len(self.pending) >= c.micro_batch_size or (c.max_events and room <= 0)
             if self.pending and (full or now - first_pending >= c.max_wait_seconds):
