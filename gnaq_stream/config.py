@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from gnaq_stream.errors import ConfigError
 from gnaq_stream.model.gnaq import method_spec
 from gnaq_stream.quant.packing import check_bits, check_level_dtype
+from gnaq_stream.quant.quantizer import LEVEL_INITS
 
 
 @dataclass(frozen=True)
@@ -24,10 +25,11 @@ class TrainConfig:
     reg: float = 1e-4
     n_negatives: int = 4
     lambda_weight: float = 1.0
-    rau_alpha: float = 0.5
-    rau_half_degree: float = 10.0
+    rau_alpha: float = 0.25
+    rau_half_degree: float = 0.0  # 0: the same mix for every node (measured better offline than 10)
     rau_every: int = 1
     level_dtype: str = "fp8"
+    level_init: str = "mean"  # levels at the mean of each interval's values, or "centre" (ablation)
     eval_every: int = 1
     patience: int = 3
     threads: int = 2
@@ -43,8 +45,10 @@ class TrainConfig:
         check_bits(self.bits)
         check_level_dtype(self.level_dtype)
         method_spec(self.method)
-        if self.rau_half_degree <= 0:
-            raise ConfigError(f"rau_half_degree must be > 0, got {self.rau_half_degree}")
+        if self.rau_half_degree < 0:
+            raise ConfigError(f"rau_half_degree must be >= 0, got {self.rau_half_degree}")
+        if self.level_init not in LEVEL_INITS:
+            raise ConfigError(f"level_init must be one of {LEVEL_INITS}, got {self.level_init!r}")
         if self.lambda_weight < 0 or self.lr <= 0 or self.qat_lr <= 0 or self.reg < 0 or self.level_lr < 0:
             raise ConfigError("lambda_weight and reg must be >= 0, learning rates > 0")
 

@@ -60,14 +60,14 @@ class FullEmbedding(nn.Module):
 class QuantizedEmbedding(nn.Module):
     """Per node: 2^bits levels and D codes, initialised from a float table (see quant.quantizer)."""
 
-    def __init__(self, table: torch.Tensor, bits: int, spec: MethodSpec, rau_alpha: float = 0.5,
-                 rau_half_degree: float = 10.0):
+    def __init__(self, table: torch.Tensor, bits: int, spec: MethodSpec, rau_alpha: float = 0.25,
+                 rau_half_degree: float = 0.0, level_init: str = "mean"):
         super().__init__()
         check_bits(bits)
         self.bits, self.spec = bits, spec
         self.rau_alpha, self.rau_half_degree = rau_alpha, rau_half_degree
         table = table.detach().float()
-        levels, codes = init_from_embedding(table, bits)
+        levels, codes = init_from_embedding(table, bits, level_init)
         if spec.code_rule == "rebin":
             # published initialisation: levels m + k(M-m)/(2^n+1), k = 1..2^n
             lo, hi = table.min(1, keepdim=True).values, table.max(1, keepdim=True).values
@@ -116,8 +116,8 @@ class Recommender(nn.Module):
 
 
 def build_embedding(method: str, table: torch.Tensor, bits: int, rau_alpha: float,
-                    rau_half_degree: float) -> nn.Module:
+                    rau_half_degree: float, level_init: str) -> nn.Module:
     spec = method_spec(method)
     if not spec.quantized:
         return FullEmbedding(table)
-    return QuantizedEmbedding(table, bits, spec, rau_alpha, rau_half_degree)
+    return QuantizedEmbedding(table, bits, spec, rau_alpha, rau_half_degree, level_init)

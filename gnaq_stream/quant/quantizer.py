@@ -1,8 +1,8 @@
 """Node-wise n-bit quantization: per node 2^n levels, per dimension a code into them.
 
 Code-update rules:
-- `init_from_embedding`: levels at the centres of 2^n equal intervals of [min_i, max_i] of node
-  i's embedding, codes by binning each value into those intervals (= nearest level).
+- `init_from_embedding`: codes by binning each value of node i's embedding into 2^n equal intervals
+  of [min_i, max_i]; levels at the mean of the values in each interval (its centre when empty).
 - `rau_codes` (Relational Aggregation Update, the product rule): codes are the nearest levels of a
   target that mixes the node's own latent with its neighbours' aggregated embedding.
 - `rebin_codes` (the published recipe, `gnaq-paper`): codes are 2^n equal bins of each node's
@@ -13,15 +13,31 @@ from __future__ import annotations
 
 import torch
 
+from gnaq_stream.errors import ConfigError
 
-def init_from_embedding(emb: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(levels (N, 2^n) float32, codes (N, D) uint8) for a float embedding table (N, D)."""
+
+LEVEL_INITS = ("mean", "centre")
+
+
+def init_from_embedding(emb: torch.Tensor, bits: int, level_init: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """(levels (N, 2^n) float32, codes (N, D) uint8) for a float embedding table (N, D).
+
+    `level_init` "mean": each level is the mean of the values binned to it (one Lloyd step from the
+    interval centres: it halves the 1-bit init error, see docs/benchmarks.md); "centre": the centres.
+    """
+    if level_init not in LEVEL_INITS:
+        raise ConfigError(f"level_init must be one of {LEVEL_INITS}, got {level_init!r}")
     n_levels = 1 << bits
+    emb = emb.float()
     lo = emb.min(dim=1, keepdim=True).values
     hi = emb.max(dim=1, keepdim=True).values
-    step = (hi - lo) / n_levels
-    levels = lo + (torch.arange(n_levels, dtype=emb.dtype) + 0.5) * step
-    return levels.float().contiguous(), rebin_codes(emb, bits)
+    levels = lo + (torch.arange(n_levels, dtype=emb.dtype) + 0.5) * (hi - lo) / n_levels
+    codes = rebin_codes(emb, bits)
+    if level_init == "mean":
+        count = torch.zeros_like(levels).scatter_add_(1, codes.long(), torch.ones_like(emb))
+        total = torch.zeros_like(levels).scatter_add_(1, codes.long(), emb)
+        levels = torch.where(count > 0, total / count.clamp_min(1), levels)
+    return levels.contiguous(), codes
 
 
 def rebin_codes(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -75,6 +91,8 @@ def rau_codes(latent: torch.Tensor, aggregate: torch.Tensor, levels: torch.Tenso
 
 def neighbour_trust(degree: torch.Tensor, alpha: float, half_degree: float) -> torch.Tensor:
     """RAU mix weight per node: alpha for a node with few interactions, falling as
-    alpha * h / (h + degree) once its own interactions outnumber `half_degree`; 0 without neighbours."""
+    alpha * h / (h + degree) once its own interactions outnumber `half_degree` (h = 0: alpha for every
+    node, no degree weighting); 0 without neighbours."""
     degree = degree.float()
-    return torch.where(degree > 0, alpha * half_degree / (half_degree + degree), torch.zeros_like(degree))
+    trust = alpha * half_degree / (half_degree + degree) if half_degree > 0 else torch.full_like(degree, alpha)
+    return torch.where(degree > 0, trust, torch.zeros_like(degree))

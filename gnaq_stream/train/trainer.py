@@ -127,7 +127,7 @@ def train(data: InteractionData, cfg: TrainConfig, init: torch.Tensor | None = N
         init, pre_seconds = pre.model.layer0(), pre.train_seconds
     table = init if init is not None else torch.randn(n_nodes, cfg.dim) * 0.1
     rec = Recommender(data.n_users, data.n_items, build_embedding(cfg.method, table, cfg.bits, cfg.rau_alpha,
-                                                                  cfg.rau_half_degree),
+                                                                  cfg.rau_half_degree, cfg.level_init),
                       cfg.n_layers)
     adj = normalized_adjacency(data.n_users, data.n_items, data.train.users, data.train.items)
     lr = cfg.qat_lr if spec.quantized else cfg.lr

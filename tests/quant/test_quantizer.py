@@ -1,23 +1,37 @@
 import pytest
 import torch
 
+from gnaq_stream.errors import ConfigError
 from gnaq_stream.quant.quantizer import (dequantize, init_from_embedding, nearest_codes, neighbour_trust, rau_codes,
                                         rebin_codes)
 
 
 def test_init_levels_and_codes_by_hand():
     emb = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 0.9]])
-    levels, codes = init_from_embedding(emb, 2)
+    levels, codes = init_from_embedding(emb, 2, "centre")
     # [0, 4] in 4 intervals of width 1; levels at the interval centres
     torch.testing.assert_close(levels, torch.tensor([[0.5, 1.5, 2.5, 3.5]]))
     assert codes.tolist() == [[0, 1, 2, 3, 3, 0]]
     torch.testing.assert_close(dequantize(levels, codes), torch.tensor([[0.5, 1.5, 2.5, 3.5, 3.5, 0.5]]))
+    # the same codes; levels at the mean of each interval's values: (0 + 0.9) / 2, 1, 2, (3 + 4) / 2
+    levels, mean_codes = init_from_embedding(emb, 2)
+    torch.testing.assert_close(levels, torch.tensor([[0.45, 1.0, 2.0, 3.5]]))
+    assert mean_codes.tolist() == codes.tolist()
 
 
 def test_one_bit_init():
-    levels, codes = init_from_embedding(torch.tensor([[-2.0, 2.0, 0.5]]), 1)
+    levels, codes = init_from_embedding(torch.tensor([[-2.0, 2.0, 0.5]]), 1, "centre")
     torch.testing.assert_close(levels, torch.tensor([[-1.0, 1.0]]))
     assert codes.tolist() == [[0, 1, 1]]
+    levels, _ = init_from_embedding(torch.tensor([[-2.0, 2.0, 0.5]]), 1)
+    torch.testing.assert_close(levels, torch.tensor([[-2.0, 1.25]]))
+
+
+def test_empty_interval_keeps_its_centre():
+    levels, codes = init_from_embedding(torch.tensor([[0.0, 4.0, 3.9]]), 2)
+    torch.testing.assert_close(levels, torch.tensor([[0.0, 1.5, 2.5, 3.95]]))
+    with pytest.raises(ConfigError, match="level_init"):
+        init_from_embedding(torch.ones(1, 2), 2, "median")
 
 
 def test_constant_row_gets_code_zero():
@@ -55,3 +69,5 @@ def test_neighbour_trust_falls_with_degree():
     assert trust[1] == pytest.approx(0.5 * 10 / 11)
     assert trust[2] == pytest.approx(0.25)
     assert trust[3] < 0.01
+    flat = neighbour_trust(torch.tensor([0, 1, 1000]), 0.25, 0.0)
+    assert flat.tolist() == [0.0, 0.25, 0.25]
