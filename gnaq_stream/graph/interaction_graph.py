@@ -62,7 +62,7 @@ class InteractionGraph:
     """A growable bipartite graph: id maps, adjacency lists, degrees and per-edge event counts.
 
     Adding an event costs O(1) (dict and list appends); the normalised adjacency of the whole graph
-    is built on demand (`normalized_adjacency`), and refinement uses small sampled subgraphs.
+    is built on demand (`normalized_adjacency`).
     """
 
     def __init__(self) -> None:

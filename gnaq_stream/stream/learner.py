@@ -1,8 +1,15 @@
 """The streaming learner: applies micro-batches of events to the graph and the quantized model.
 
 `apply_micro_batch` = add edges -> initialise new nodes from their neighbourhood -> a short RAU
-refinement pass on the touched subgraph. It uses the offline model's pieces unchanged: the same
+refinement pass on the touched nodes. It uses the offline model's pieces unchanged: the same
 propagation, losses, quantizer initialisation and RAU code rule.
+
+Refinement scores the batch with the full graph's propagation as context: at each refresh (every
+`refresh_seconds` at most) the learner keeps, per node, its final embedding minus its own layer-0
+share (`context`) and its 1-hop neighbour aggregate; a touched node's final embedding during
+refinement is `context + layer0 / (L + 1)`. Measured on the yelp2018 replay, this ranked better
+than propagating over a sampled subgraph (whose truncated neighbourhoods mis-scale every final
+embedding) and costs a fraction of it (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -13,7 +20,6 @@ import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from gnaq_stream.checkpoint import StoredModel
@@ -60,6 +66,9 @@ class StreamLearner:
         self.final_users = torch.zeros(0, cfg.dim)
         self.final_items = torch.zeros(0, cfg.dim)
         self.final_items_t = self.final_items.T
+        self.context = torch.zeros(0, cfg.dim)  # users then items, as of the last refresh
+        self.aggregate = torch.zeros(0, cfg.dim)
+        self.context_users = 0
         self.refreshed_at = float("-inf")
         self.final_version = -1  # the model version the final embeddings were propagated at
 
@@ -96,8 +105,12 @@ class StreamLearner:
         if not force and now - self.refreshed_at < self.cfg.refresh_seconds:
             return
         layer0 = torch.cat([self.users.embeddings(), self.items.embeddings()])
-        final = propagate(self.graph.normalized_adjacency(), layer0, self.cfg.n_layers)
+        adj = self.graph.normalized_adjacency()
+        final = propagate(adj, layer0, self.cfg.n_layers)
         self.final_users, self.final_items = final[:self.graph.n_users], final[self.graph.n_users:]
+        self.context = final - layer0 / (self.cfg.n_layers + 1)
+        self.aggregate = torch.sparse.mm(adj, layer0)
+        self.context_users = self.graph.n_users
         self.final_items_t = self.final_items.T.contiguous()  # scoring reads items column-wise
         self.refreshed_at = now
         self.final_version = self.version
@@ -105,7 +118,11 @@ class StreamLearner:
     # ---- the micro-batch ------------------------------------------------------------------------
 
     def apply_micro_batch(self, events: list[Event]) -> BatchResult:
-        """Add the events' edges, initialise new nodes, refine the touched subgraph."""
+        """Add the events' edges, initialise new nodes, refine the touched nodes."""
+        if self.cfg.refine_steps > 0:
+            # refinement's context, at most `refresh_seconds` old; taken before this batch so that the
+            # final embeddings keep meaning "the model as of final_version"
+            self.refresh_final_embeddings()
         self.version += 1
         g = self.graph
         result = BatchResult(self.version, len(events))
@@ -168,43 +185,29 @@ class StreamLearner:
             if fresh:
                 table.append(torch.stack(fresh), self.version)
 
-    def _subgraph(self, users: np.ndarray, items: np.ndarray, negatives: np.ndarray):
-        """Touched nodes, a sample of their neighbours and the negatives, with the edges among them
-        that refinement sees, normalised by global degrees (so a node's scale matches the full graph)."""
-        g = self.graph
-        eu, ei = users.tolist(), items.tolist()  # plain lists: one array at the end, not two per node
-        for u in np.unique(users).tolist():
-            picked = self._sample(g.user_items[u])
-            eu += [u] * len(picked)
-            ei += picked
-        for i in np.unique(items).tolist():
-            picked = self._sample(g.item_users[i])
-            eu += picked
-            ei += [i] * len(picked)
-        keys = np.unique(np.array(eu, dtype=np.int64) << 32 | np.array(ei, dtype=np.int64))
-        su, si = keys >> 32, keys & 0xFFFFFFFF
-        local_u = np.unique(su)
-        local_i = np.unique(np.concatenate([si, negatives.ravel()]))
-        lu, li = np.searchsorted(local_u, su), np.searchsorted(local_i, si)
-        du = np.array([len(g.user_items[u]) for u in local_u.tolist()], dtype=np.float64)
-        di = np.array([len(g.item_users[i]) for i in local_i.tolist()], dtype=np.float64)
-        w = (1.0 / np.sqrt(np.maximum(du[lu], 1) * np.maximum(di[li], 1))).astype(np.float32)
-        n_u, n = len(local_u), len(local_u) + len(local_i)
-        m = sp.csr_matrix((np.r_[w, w], (np.r_[lu, li + n_u], np.r_[li + n_u, lu])), shape=(n, n))
-        adj = torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
-                                      torch.from_numpy(m.indices.astype(np.int64)),
-                                      torch.from_numpy(m.data.astype(np.float32)), size=(n, n))
-        degree = torch.from_numpy(np.r_[du, di])
-        return local_u, local_i, adj, degree
+    def _context_rows(self, local_u: np.ndarray, local_i: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, neighbour aggregate) rows of these nodes; a node added since the last refresh
+        has none yet and stands in for its own (it was initialised from its neighbourhood)."""
+        n_users = self.context_users
+        rows = np.concatenate([local_u, local_i + n_users])
+        known = np.r_[local_u < n_users, local_i < len(self.context) - n_users]
+        own = torch.cat([self.users.embeddings(local_u), self.items.embeddings(local_i)])
+        context, aggregate = own * (self.cfg.n_layers / (self.cfg.n_layers + 1)), own.clone()
+        at, k = torch.from_numpy(rows[known]), torch.from_numpy(known)
+        context[k], aggregate[k] = self.context[at], self.aggregate[at]
+        return context, aggregate
 
     def _refine(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """A few optimiser steps on BPR + LambdaLoss over the batch's interactions, levels and latent
-        updated by gradient, then codes re-derived by RAU; bounded by `refine_budget_seconds`."""
-        cfg = self.cfg
+        of the touched nodes (users, items, sampled negatives) updated by gradient, then their codes
+        re-derived by RAU; bounded by `refine_budget_seconds`."""
+        cfg, g = self.cfg, self.graph
         start = time.perf_counter()
-        negatives = self.rng.integers(0, self.graph.n_items, size=(len(users), cfg.n_negatives))
-        local_u, local_i, adj, degree = self._subgraph(users, items, negatives)
+        negatives = self.rng.integers(0, g.n_items, size=(len(users), cfg.n_negatives))
+        local_u = np.unique(users)
+        local_i = np.unique(np.concatenate([items, negatives.ravel()]))
         n_u = len(local_u)
+        context, aggregate = self._context_rows(local_u, local_i)
         levels = torch.cat([self.users.levels[local_u], self.items.levels[local_i]]).requires_grad_()
         latent = torch.cat([self.users.latent[local_u], self.items.latent[local_i]]).requires_grad_()
         codes = torch.cat([self.users.codes[local_u], self.items.codes[local_i]])
@@ -214,7 +217,7 @@ class StreamLearner:
         steps = 0
         while steps < cfg.refine_steps and (steps == 0 or time.perf_counter() - start < cfg.refine_budget_seconds):
             layer0 = dequantize(levels, codes) + (latent - latent.detach())
-            final = propagate(adj, layer0, cfg.n_layers)
+            final = context + layer0 / (cfg.n_layers + 1)
             loss = ranking_loss(final, layer0, n_u, batch_u, batch_i, batch_n, cfg.lambda_weight, cfg.reg)
             levels.grad = latent.grad = None
             loss.backward()
@@ -226,7 +229,8 @@ class StreamLearner:
             steps += 1
         with torch.no_grad():
             stored_levels = round_levels(levels, cfg.level_dtype)
-            aggregate = torch.sparse.mm(adj, dequantize(stored_levels, codes))
+            degree = torch.tensor([len(g.user_items[u]) for u in local_u.tolist()]
+                                  + [len(g.item_users[i]) for i in local_i.tolist()])
             mix = neighbour_trust(degree, cfg.rau_alpha, cfg.rau_half_degree)
             new_codes = rau_codes(latent, aggregate, stored_levels, mix)
             for table, idx, sl in ((self.users, local_u, slice(0, n_u)), (self.items, local_i, slice(n_u, None))):

@@ -49,7 +49,7 @@ def test_node_without_embedded_neighbours_gets_the_prior():
     assert torch.isfinite(learner.users.embeddings()).all()
 
 
-def test_refinement_changes_only_the_touched_subgraph_and_versions_it():
+def test_refinement_changes_only_the_touched_nodes_and_versions_it():
     learner = StreamLearner.from_checkpoint(_checkpoint(), CFG)
     before_levels = learner.items.levels[:3].clone()
     result = learner.apply_micro_batch([Event("0", "2", 1.0), Event("0", "2", 2.0)])
