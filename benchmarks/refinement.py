@@ -29,7 +29,7 @@ from gnaq_stream.config import ConsumerConfig, LearnerConfig  # noqa: E402
 from gnaq_stream.data.datasets import Split, load_dataset  # noqa: E402
 from gnaq_stream.data.events import Event  # noqa: E402
 from gnaq_stream.stream.learner import StreamLearner  # noqa: E402
-from simulator.evaluation import Embeddings, evaluate_block  # noqa: E402
+from simulator.evaluation import evaluate_block, learner_embeddings  # noqa: E402
 from simulator.protocol import build_replay  # noqa: E402
 
 
@@ -41,13 +41,6 @@ def parse_variant(text: str) -> dict:
         name, value = pair.split("=", 1)
         out[name] = type(getattr(defaults, name))(value)
     return out
-
-
-def learner_embeddings(learner: StreamLearner) -> Embeddings:
-    learner.refresh_final_embeddings(force=True)
-    g = learner.graph
-    return Embeddings(np.array(g.users.external, dtype=np.int64), learner.final_users,
-                      np.array(g.items.external, dtype=np.int64), learner.final_items)
 
 
 def run_variant(replay, base, overrides: dict, first_scored: int, batch: int) -> dict:

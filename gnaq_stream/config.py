@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from gnaq_stream.errors import ConfigError
 from gnaq_stream.model.gnaq import method_spec
 from gnaq_stream.quant.packing import check_bits, check_level_dtype
-from gnaq_stream.quant.quantizer import LEVEL_INITS
+from gnaq_stream.quant.quantizer import check_level_init
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,7 @@ class TrainConfig:
         method_spec(self.method)
         if self.rau_half_degree < 0:
             raise ConfigError(f"rau_half_degree must be >= 0, got {self.rau_half_degree}")
-        if self.level_init not in LEVEL_INITS:
-            raise ConfigError(f"level_init must be one of {LEVEL_INITS}, got {self.level_init!r}")
+        check_level_init(self.level_init)
         if self.lambda_weight < 0 or self.lr <= 0 or self.qat_lr <= 0 or self.reg < 0 or self.level_lr < 0:
             raise ConfigError("lambda_weight and reg must be >= 0, learning rates > 0")
 

@@ -16,6 +16,7 @@ from gnaq_stream.errors import GnaqError
 from gnaq_stream.graph.interaction_graph import normalized_adjacency
 from gnaq_stream.model.lightgcn import propagate
 from gnaq_stream.store.embedding_store import EmbeddingStore
+from gnaq_stream.stream.learner import StreamLearner
 from gnaq_stream.train.evaluation import evaluate_ranking, interaction_matrix
 
 EVALUATION_RULE = (
@@ -53,6 +54,11 @@ def store_embeddings(store: str | Path) -> Embeddings:
     """Final embeddings of the streaming learner, from a read-only snapshot of its store."""
     with EmbeddingStore(store, read_only=True) as s:
         learner = s.load_learner(LearnerConfig())
+    return learner_embeddings(learner)
+
+
+def learner_embeddings(learner: StreamLearner) -> Embeddings:
+    """Final embeddings of a streaming learner as it is now (a full propagation)."""
     learner.refresh_final_embeddings(force=True)
     g = learner.graph
     return Embeddings(np.array(g.users.external, dtype=np.int64), learner.final_users,

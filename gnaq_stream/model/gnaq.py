@@ -60,8 +60,8 @@ class FullEmbedding(nn.Module):
 class QuantizedEmbedding(nn.Module):
     """Per node: 2^bits levels and D codes, initialised from a float table (see quant.quantizer)."""
 
-    def __init__(self, table: torch.Tensor, bits: int, spec: MethodSpec, rau_alpha: float = 0.25,
-                 rau_half_degree: float = 0.0, level_init: str = "mean"):
+    def __init__(self, table: torch.Tensor, bits: int, spec: MethodSpec, rau_alpha: float, rau_half_degree: float,
+                 level_init: str):
         super().__init__()
         check_bits(bits)
         self.bits, self.spec = bits, spec

@@ -19,14 +19,19 @@ from gnaq_stream.errors import ConfigError
 LEVEL_INITS = ("mean", "centre")
 
 
+def check_level_init(name: str) -> str:
+    if name not in LEVEL_INITS:
+        raise ConfigError(f"level_init must be one of {LEVEL_INITS}, got {name!r}")
+    return name
+
+
 def init_from_embedding(emb: torch.Tensor, bits: int, level_init: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
     """(levels (N, 2^n) float32, codes (N, D) uint8) for a float embedding table (N, D).
 
     `level_init` "mean": each level is the mean of the values binned to it (one Lloyd step from the
     interval centres: it halves the 1-bit init error, see docs/benchmarks.md); "centre": the centres.
     """
-    if level_init not in LEVEL_INITS:
-        raise ConfigError(f"level_init must be one of {LEVEL_INITS}, got {level_init!r}")
+    check_level_init(level_init)
     n_levels = 1 << bits
     emb = emb.float()
     lo = emb.min(dim=1, keepdim=True).values
