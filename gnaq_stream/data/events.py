@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import orjson
 
@@ -19,8 +20,7 @@ REJECTION_REASONS = ("too_large", "invalid_json", "not_an_object", "missing_fiel
 DEFAULT_MAX_BYTES = 4096
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):  # a tuple: built per message, several times cheaper than a frozen dataclass
     user: str
     item: str
     ts: float
@@ -35,17 +35,16 @@ class Rejection:
 
 
 def _as_id(value: object) -> str | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
+    kind = type(value)  # exact types: a bool is not an id, and JSON parsers give no subclasses
+    if kind is int:
         return str(value)
-    if isinstance(value, str) and value and len(value) <= 256:
+    if kind is str and 0 < len(value) <= 256:
         return value
     return None
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return type(value) in (int, float)
 
 
 def parse_event(raw: bytes | None, max_bytes: int = DEFAULT_MAX_BYTES) -> Event | Rejection:
@@ -63,8 +62,8 @@ def parse_event(raw: bytes | None, max_bytes: int = DEFAULT_MAX_BYTES) -> Event 
             return Rejection("invalid_json", str(exc)[:200])
     if not isinstance(obj, dict):
         return Rejection("not_an_object", f"JSON {type(obj).__name__}, expected an object")
-    missing = [k for k in ("user", "item", "ts") if k not in obj]
-    if missing:
+    if "user" not in obj or "item" not in obj or "ts" not in obj:
+        missing = [k for k in ("user", "item", "ts") if k not in obj]
         return Rejection("missing_field", f"missing {', '.join(missing)}")
     user, item = _as_id(obj["user"]), _as_id(obj["item"])
     if user is None or item is None:
