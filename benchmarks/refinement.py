@@ -1,14 +1,14 @@
-"""Streaming refinement settings compared on a replay's own blocks, in process, in one run.
+"""Streaming refinement and consolidation settings compared on a replay's own blocks, in process, in one run.
 
 Every variant starts from the base checkpoint of a finished `simulator replay` (its `base` folder),
 streams the replay's events after the base block through `StreamLearner.apply_micro_batch` in
 micro-batches of the consumer's default size, and scores blocks `--from-block`.. with the replay's
 evaluation rule (each block before it is streamed in). Kafka and the store are left out: this
-isolates what refinement does to accuracy and what it costs. The replay's own static and retrain
+isolates what refinement and consolidation do to accuracy and what they cost. The replay's own static and retrain
 numbers for the same blocks are shown alongside (same rule, from its report.json).
 
     python benchmarks/refinement.py --replay runs/simulator/yelp2018-none \
-        --variants refine_steps=0 "" refine_steps=3 refine_lr=0.01
+        --variants refine_steps=0,consolidate_ratio=0 consolidate_ratio=0 ""
 """
 
 from __future__ import annotations
@@ -43,11 +43,24 @@ def parse_variant(text: str) -> dict:
     return out
 
 
+def consolidate(learner: StreamLearner, budget: float) -> float:
+    """Spend `budget` seconds the way the consumer does when idle: slices until it is used up."""
+    spent, slice_seconds = 0.0, learner.cfg.consolidate_slice_seconds
+    while spent < budget:
+        t = time.perf_counter()
+        learner.consolidate(min(budget - spent, slice_seconds))
+        spent += time.perf_counter() - t
+    return spent
+
+
 def run_variant(replay, base, overrides: dict, first_scored: int, batch: int) -> dict:
     learner = StreamLearner.from_checkpoint(base, LearnerConfig(**overrides))
-    recall, stream_seconds, refine_seconds = {}, 0.0, 0.0
+    recall, stream_seconds, refine_seconds, consolidate_seconds = {}, 0.0, 0.0, 0.0
+    block_seconds = 0.0
     for k in range(replay.n_blocks):
         start, end = replay.block(k)
+        # between blocks the learner is idle: it consolidates with what the last block earned
+        consolidate_seconds += consolidate(learner, learner.cfg.consolidate_ratio * block_seconds)
         if k >= first_scored:
             history = Split(replay.users[:start], replay.items[:start])
             block = Split(replay.users[start:end], replay.items[start:end])
@@ -58,14 +71,16 @@ def run_variant(replay, base, overrides: dict, first_scored: int, batch: int) ->
             result = learner.apply_micro_batch([Event(str(u), str(i), 0.0)
                                                 for u, i in zip(users.tolist(), items.tolist())])
             refine_seconds += result.refine_seconds
-        stream_seconds += time.perf_counter() - t
-    return {"recall": recall, "stream_seconds": stream_seconds, "refine_seconds": refine_seconds}
+        block_seconds = time.perf_counter() - t
+        stream_seconds += block_seconds
+    return {"recall": recall, "stream_seconds": stream_seconds, "refine_seconds": refine_seconds,
+            "consolidate_seconds": consolidate_seconds}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--replay", required=True, help="folder of a finished `simulator replay` (report.json, base/)")
-    p.add_argument("--variants", nargs="+", default=["refine_steps=0", ""],
+    p.add_argument("--variants", nargs="+", default=["refine_steps=0,consolidate_ratio=0", "consolidate_ratio=0", ""],
                    help="learner settings per variant: NAME=VALUE[,NAME=VALUE]; \"\" = the defaults")
     p.add_argument("--from-block", type=int, default=3, help="first block scored (1-based)")
     p.add_argument("--base-fraction", type=float, default=0.6)
@@ -90,23 +105,26 @@ def main() -> None:
     scored = sorted(results[0]["recall"])
     reference = {b["block"]: b["models"] for b in report["blocks"]}
     lines = ["| learner settings | " + " | ".join(f"block {b} R@20" for b in scored)
-             + " | mean / retrain's | streaming s | of which refinement s |",
-             "|---|" + "---|" * (len(scored) + 3)]
+             + " | mean / retrain's | streaming s | of which refinement s | consolidation s |",
+             "|---|" + "---|" * (len(scored) + 4)]
     for name in ("static", "retrain"):
         values = [reference[b][name]["recall@20"] for b in scored]
-        lines.append(f"| replay's {name} | " + " | ".join(f"{v:.4f}" for v in values) + " | | | |")
+        lines.append(f"| replay's {name} | " + " | ".join(f"{v:.4f}" for v in values) + " | | | | |")
     retrain_mean = np.mean([reference[b]["retrain"]["recall@20"] for b in scored])
     for r in results:
         values = [r["recall"][b] for b in scored]
         lines.append(f"| {r['variant']} | " + " | ".join(f"{v:.4f}" for v in values)
-                     + f" | {np.mean(values) / retrain_mean:.1%} | {r['stream_seconds']:.1f} | {r['refine_seconds']:.1f} |")
-    body = f"""## Streaming refinement (`benchmarks/refinement.py`)
+                     + f" | {np.mean(values) / retrain_mean:.1%} | {r['stream_seconds']:.1f} | {r['refine_seconds']:.1f} "
+                     f"| {r['consolidate_seconds']:.1f} |")
+    body = f"""## Streaming refinement and consolidation (`benchmarks/refinement.py`)
 
 In process, from the base checkpoint of `{folder}` ({report['dataset']}, scenario
 {report['scenario']['name']}): every variant streams the same {replay.n_events - replay.bounds[1]:,} events after the
 base block in micro-batches of {batch:,}; blocks {scored[0]}..{scored[-1]} are scored before they are
 streamed in (the replay's rule), with the replay's static and retrain rows for the same blocks.
-`refine_steps=0` = graph and new nodes only, no refinement.
+`refine_steps=0` = graph and new nodes only, no refinement; `consolidate_ratio=0` = no idle-time
+consolidation. Consolidation runs between blocks (where the learner would be idle), spending
+`consolidate_ratio` x the previous block's streaming time, as the consumer does.
 
 """ + "\n".join(lines)
     write_section(f"refinement_{report['dataset']}", body)

@@ -85,6 +85,11 @@ class LearnerConfig:
     reg: float = 1e-4
     rau_alpha: float = 0.5
     rau_half_degree: float = 10.0
+    # idle-time full-graph training, x the time spent on micro-batches; off: measured mixed (docs/architecture.md)
+    consolidate_ratio: float = 0.0
+    consolidate_lr: float = 0.05
+    consolidate_batch: int = 32768
+    consolidate_slice_seconds: float = 1.0  # longest a message arriving meanwhile waits
     prequential_sample: float = 0.02
     prequential_window: int = 5000
     refresh_seconds: float = 10.0
@@ -98,6 +103,9 @@ class LearnerConfig:
             check_bits(self.serve_bits)
         if self.refine_steps < 0 or self.refine_max_events < 1 or self.neighbour_samples < 1 or self.n_negatives < 1:
             raise ConfigError("refine_steps must be >= 0, neighbour_samples and n_negatives >= 1")
+        if self.consolidate_ratio < 0 or self.consolidate_lr <= 0 or self.consolidate_batch < 1 \
+                or self.consolidate_slice_seconds <= 0:
+            raise ConfigError("consolidate_ratio must be >= 0, consolidate_lr, _batch and _slice_seconds > 0")
         if not 0.0 <= self.prequential_sample <= 1.0:
             raise ConfigError(f"prequential_sample must be in [0, 1], got {self.prequential_sample}")
 

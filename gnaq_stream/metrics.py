@@ -25,6 +25,10 @@ class LearnerMetrics:
                                              buckets=_LATENCY_BUCKETS, registry=r)
         self.refine_seconds = Histogram("gnaq_refine_seconds", "Wall time of a micro-batch's refinement pass",
                                         buckets=_LATENCY_BUCKETS, registry=r)
+        self.consolidate_seconds = Counter("gnaq_consolidate_seconds_total", "Wall time of idle-time full-graph "
+                                           "training (consolidation), store write included", registry=r)
+        self.consolidate_budget = Gauge("gnaq_consolidate_budget_seconds",
+                                        "Consolidation time earned by streaming and not yet spent", registry=r)
         self.freshness_seconds = Histogram("gnaq_freshness_seconds",
                                            "Kafka record timestamp to the event being applied and stored",
                                            buckets=_LATENCY_BUCKETS, registry=r)

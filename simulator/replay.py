@@ -32,8 +32,9 @@ MODELS = ("static", "retrain", "stream")
 UPDATE_COST_RULE = (
     "a block's update seconds are the work that brought a model from its state at the previous block to this "
     "one: 0 for every model at block 1 and always for static; retrain: the wall time of training from scratch; "
-    "stream: the learner's own wall time applying and storing the previous block's micro-batches "
-    "(gnaq_micro_batch_seconds, which excludes time spent waiting for messages)"
+    "stream: the learner's own wall time applying and storing the previous block's micro-batches and "
+    "consolidating while idle (gnaq_micro_batch_seconds + gnaq_consolidate_seconds_total; time spent waiting "
+    "for messages excluded)"
 )
 
 

@@ -188,15 +188,16 @@ class Learner:
         return {fields[0]: float(fields[1]) for fields in samples}
 
     def update_seconds(self, version: int) -> float:
-        """Total wall time the learner spent applying and storing micro-batches, read once its metrics
-        show model `version` (they are updated just after the store write)."""
+        """Total wall time the learner spent applying and storing micro-batches and consolidating, read
+        once its metrics show model `version` (they are updated just after the store write) and it has
+        spent its consolidation budget: the store then holds the model the next block is scored on."""
         deadline = time.monotonic() + STALL_SECONDS
         while True:
             self.child.check()
             try:
                 metrics = self._metrics()
-                if metrics.get("gnaq_model_version", -1) >= version:
-                    return metrics["gnaq_micro_batch_seconds_sum"]
+                if metrics.get("gnaq_model_version", -1) >= version and metrics["gnaq_consolidate_budget_seconds"] <= 0:
+                    return metrics["gnaq_micro_batch_seconds_sum"] + metrics["gnaq_consolidate_seconds_total"]
             except OSError:  # metrics server not up yet
                 pass
             if time.monotonic() > deadline:

@@ -73,6 +73,7 @@ class StreamConsumer:
         self.stop_requested = False
         self.pending: list = []
         self.consumed = 0
+        self.budget = 0.0  # consolidation seconds earned by micro-batches, spent while idle
         self.last_activity = time.monotonic()
         self.store = EmbeddingStore(ccfg.store)
         if self.store.is_empty():
@@ -137,7 +138,9 @@ class StreamConsumer:
                 self.last_activity = now
             self._update_lag()
             idle = not polled and not self.pending
-            if self.updates and idle and self.learner.final_version != self.learner.version:
+            if idle and self._can_consolidate():
+                self._consolidate()
+            elif self.updates and idle and self.learner.final_version != self.learner.version:
                 self._publish_updates(0, refresh=True)  # idle: let the replicas catch up fully
             full = len(self.pending) >= c.micro_batch_size or (c.max_events and room <= 0)
             if self.pending and (full or now - first_pending >= c.max_wait_seconds):
@@ -198,7 +201,22 @@ class StreamConsumer:
         for ts in stamps:
             m.freshness_seconds.observe(max(applied_at - ts, 0.0))
         m.refine_seconds.observe(result.refine_seconds)
-        m.micro_batch_seconds.observe(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        m.micro_batch_seconds.observe(elapsed)
+        self.budget += self.learner.cfg.consolidate_ratio * elapsed
+        self._update_model_metrics()
+
+    def _can_consolidate(self) -> bool:
+        return self.budget > 0 and self.learner.cfg.consolidate_ratio > 0 and self.learner.graph.n_edges > 0
+
+    def _consolidate(self) -> None:
+        """One slice of idle-time full-graph training, stored like a micro-batch (offsets unchanged)."""
+        start = time.perf_counter()
+        result, _ = self.learner.consolidate(min(self.budget, self.learner.cfg.consolidate_slice_seconds))
+        self.store.write_batch(self.learner, result, {})
+        spent = time.perf_counter() - start
+        self.budget = max(self.budget - spent, 0.0)
+        self.metrics.consolidate_seconds.inc(spent)
         self._update_model_metrics()
 
     def _dead_letter(self, rejected: list[tuple]) -> None:
@@ -250,6 +268,7 @@ class StreamConsumer:
         m.model_bytes.set(size.bytes_model)
         m.fp32_bytes.set(size.bytes_fp32)
         m.compression.set(size.compression if size.bytes_model else 0)
+        m.consolidate_budget.set(self.budget)  # before the version: a reader seeing the version sees it too
         m.model_version.set(learner.version)
         acc = self.prequential.metrics()
         for k in KS:

@@ -30,12 +30,13 @@ from gnaq_stream.model.lightgcn import propagate
 from gnaq_stream.quant.node_table import NodeTable
 from gnaq_stream.quant.packing import round_levels
 from gnaq_stream.quant.quantizer import dequantize, neighbour_trust, rau_codes
+from gnaq_stream.stream.consolidation import Consolidator
 from gnaq_stream.train.trainer import ranking_loss
 
 
 @dataclass
 class BatchResult:
-    """What one micro-batch changed: everything the store must write for it."""
+    """What one micro-batch (or consolidation slice) changed: everything the store must write for it."""
 
     version: int
     events: int
@@ -71,6 +72,7 @@ class StreamLearner:
         self.context_users = 0
         self.refreshed_at = float("-inf")
         self.final_version = -1  # the model version the final embeddings were propagated at
+        self.consolidator: Consolidator | None = None
 
     @classmethod
     def from_checkpoint(cls, model: StoredModel, cfg: LearnerConfig) -> "StreamLearner":
@@ -119,6 +121,7 @@ class StreamLearner:
 
     def apply_micro_batch(self, events: list[Event]) -> BatchResult:
         """Add the events' edges, initialise new nodes, refine the touched nodes."""
+        self.consolidator = None  # its graph and optimiser state end here
         if self.cfg.refine_steps > 0:
             # refinement's context, at most `refresh_seconds` old; taken before this batch so that the
             # final embeddings keep meaning "the model as of final_version"
@@ -151,6 +154,20 @@ class StreamLearner:
         self.users.version[changed_u] = self.version
         self.items.version[changed_i] = self.version
         return result
+
+    def consolidate(self, seconds: float) -> tuple[BatchResult, int]:
+        """Full-graph training steps for about `seconds` (stream.consolidation): what changed (every
+        node) and the steps taken. Successive calls continue one optimiser until the next micro-batch."""
+        if self.consolidator is None:
+            self.consolidator = Consolidator(self.cfg, self.graph, self.users, self.items, self.rng)
+        steps = self.consolidator.run(seconds)
+        self.consolidator.write_to(self.users, self.items)
+        self.version += 1
+        g = self.graph
+        self.users.version[:g.n_users] = self.version
+        self.items.version[:g.n_items] = self.version
+        return BatchResult(self.version, 0, changed_users=np.arange(g.n_users),
+                           changed_items=np.arange(g.n_items)), steps
 
     def _sample(self, neighbours: list[int]) -> list[int]:
         cap = self.cfg.neighbour_samples

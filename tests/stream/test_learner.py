@@ -88,3 +88,40 @@ def test_prequential_scores_before_learning():
     m = pe.metrics()
     assert m["recall@20"] == pytest.approx(0.5)
     assert 0 < m["ndcg@20"] <= 0.5
+
+
+def _community_auc(learner: StreamLearner) -> float:
+    """How often a user scores an item of its own community above one of the other (20 items each)."""
+    learner.refresh_final_embeddings(force=True)
+    users = torch.tensor([int(learner.graph.users.get(str(u))) for u in range(40)])
+    items = torch.tensor([int(learner.graph.items.get(str(i))) for i in range(40)])
+    scores = learner.final_users[users] @ learner.final_items[items].T
+    own = (torch.arange(40)[:, None] // 20) == (torch.arange(40)[None, :] // 20)
+    wins = [(scores[u][own[u]][:, None] > scores[u][~own[u]][None, :]).float().mean() for u in range(40)]
+    return float(torch.stack(wins).mean())
+
+
+def test_consolidation_trains_the_whole_graph_and_versions_every_node():
+    rng = np.random.default_rng(0)
+    cfg = LearnerConfig(dim=8, bits=2, level_dtype="fp8", refine_steps=0, consolidate_batch=256)
+    learner = StreamLearner(cfg)
+    # two communities: users 0-19 interact with items 0-19, users 20-39 with items 20-39
+    events = [Event(str(u), str(20 * (u // 20) + int(i)), 0.0)
+              for u in range(40) for i in rng.choice(20, 8, replace=False)]
+    learner.apply_micro_batch(events)
+    before = _community_auc(learner)
+    version = learner.version
+    result, steps = learner.consolidate(1.0)
+    assert steps >= 1 and result.events == 0 and result.version == learner.version == version + 1
+    assert result.changed_users.tolist() == list(range(40)) and result.changed_items.tolist() == list(range(40))
+    assert (learner.users.version[:40] == learner.version).all()
+    assert int(learner.users.codes[:40].max()) < 4
+    # levels are kept as the fp8 values the store holds
+    torch.testing.assert_close(learner.items.levels[:40], learner.items.levels[:40].to(torch.float8_e4m3fn).float())
+    after = _community_auc(learner)
+    assert after > max(before, 0.97), (before, after)
+    consolidator = learner.consolidator
+    learner.consolidate(0.1)
+    assert learner.consolidator is consolidator  # one optimiser across the slices of an idle period
+    learner.apply_micro_batch([Event("0", "1", 1.0)])
+    assert learner.consolidator is None
