@@ -150,7 +150,8 @@ class PackedScorer:
         """Scores of rows[:n] for a user vector (float32)."""
         if self.compiled:
             out = np.empty(n, dtype=np.float32)
-            _fastscan.scores(rows, n, rows.shape[1], self.dim, self.width, np.ascontiguousarray(user, np.float32), out)
+            _fastscan.scores(np.ascontiguousarray(rows), n, rows.shape[1], self.dim, self.width,
+                             np.ascontiguousarray(user, np.float32), out)
             return out
         if self.bits in BYTE_TABLE_BITS:
             table = _byte_tables(user, self.bits, self.n_bytes)

@@ -207,7 +207,7 @@ class StreamConsumer:
         self._update_model_metrics()
 
     def _can_consolidate(self) -> bool:
-        return self.budget > 0 and self.learner.cfg.consolidate_ratio > 0 and self.learner.graph.n_edges > 0
+        return self.budget > 0 and self.learner.graph.n_edges > 0  # no budget accrues at ratio 0
 
     def _consolidate(self) -> None:
         """One slice of idle-time full-graph training, stored like a micro-batch (offsets unchanged)."""
