@@ -58,24 +58,17 @@ class FullEmbedding(nn.Module):
 
 
 class QuantizedEmbedding(nn.Module):
-    """Per node: 2^bits levels and D codes, initialised from a float table (see quant.quantizer)."""
+    """Per node: 2^bits levels and D codes, plus the float latent of methods that keep one."""
 
-    def __init__(self, table: torch.Tensor, bits: int, spec: MethodSpec, rau_alpha: float, rau_half_degree: float,
-                 level_init: str):
+    def __init__(self, levels: torch.Tensor, codes: torch.Tensor, latent: torch.Tensor | None, bits: int,
+                 spec: MethodSpec, rau_alpha: float, rau_half_degree: float):
         super().__init__()
         check_bits(bits)
         self.bits, self.spec = bits, spec
         self.rau_alpha, self.rau_half_degree = rau_alpha, rau_half_degree
-        table = table.detach().float()
-        levels, codes = init_from_embedding(table, bits, level_init)
-        if spec.code_rule == "rebin":
-            # published initialisation: levels m + k(M-m)/(2^n+1), k = 1..2^n
-            lo, hi = table.min(1, keepdim=True).values, table.max(1, keepdim=True).values
-            k = torch.arange(1, (1 << bits) + 1, dtype=torch.float32)
-            levels = lo + k * (hi - lo) / ((1 << bits) + 1)
-        self.levels = nn.Parameter(levels) if spec.learn_levels else nn.Parameter(levels, requires_grad=False)
+        self.levels = nn.Parameter(levels.float(), requires_grad=spec.learn_levels)
         self.register_buffer("codes", codes)
-        self.latent = nn.Parameter(table.clone()) if spec.latent else None
+        self.latent = nn.Parameter(latent.float()) if spec.latent else None
 
     def layer0(self) -> torch.Tensor:
         if self.spec.code_rule == "ste":
@@ -117,7 +110,16 @@ class Recommender(nn.Module):
 
 def build_embedding(method: str, table: torch.Tensor, bits: int, rau_alpha: float,
                     rau_half_degree: float, level_init: str) -> nn.Module:
+    """The method's layer-0 table, quantized from a float table (see quant.quantizer)."""
     spec = method_spec(method)
     if not spec.quantized:
         return FullEmbedding(table)
-    return QuantizedEmbedding(table, bits, spec, rau_alpha, rau_half_degree, level_init)
+    check_bits(bits)
+    table = table.detach().float()
+    levels, codes = init_from_embedding(table, bits, level_init)
+    if spec.code_rule == "rebin":
+        # published initialisation: levels m + k(M-m)/(2^n+1), k = 1..2^n
+        lo, hi = table.min(1, keepdim=True).values, table.max(1, keepdim=True).values
+        k = torch.arange(1, (1 << bits) + 1, dtype=torch.float32)
+        levels = lo + k * (hi - lo) / ((1 << bits) + 1)
+    return QuantizedEmbedding(levels, codes, table.clone(), bits, spec, rau_alpha, rau_half_degree)

@@ -19,55 +19,46 @@ import torch
 
 from gnaq_stream.config import LearnerConfig
 from gnaq_stream.graph.interaction_graph import InteractionGraph
-from gnaq_stream.model.lightgcn import propagate
+from gnaq_stream.model.gnaq import METHODS, QuantizedEmbedding, Recommender
 from gnaq_stream.quant.node_table import NodeTable
-from gnaq_stream.quant.packing import round_levels
-from gnaq_stream.quant.quantizer import dequantize, neighbour_trust, rau_codes
-from gnaq_stream.train.trainer import ranking_loss
+from gnaq_stream.train.trainer import training_step
 
 
 class Consolidator:
-    """Float masters and Adam state of every node's levels and latent, for one idle period."""
+    """Every node's levels and latent as a `gnaq` model with its own Adam state, for one idle period."""
 
     def __init__(self, cfg: LearnerConfig, graph: InteractionGraph, users: NodeTable, items: NodeTable,
                  rng: np.random.Generator):
         self.cfg, self.rng = cfg, rng
-        self.n_users, self.n_items = graph.n_users, graph.n_items
+        nu, ni = graph.n_users, graph.n_items
         self.adj = graph.normalized_adjacency()
         self.edge_users, self.edge_items = graph.edge_arrays()
-        self.mix = neighbour_trust(self.adj.crow_indices().diff(), cfg.rau_alpha, cfg.rau_half_degree)
-        nu, ni = self.n_users, self.n_items
-        self.levels = torch.cat([users.levels[:nu], items.levels[:ni]]).requires_grad_()
-        self.latent = torch.cat([users.latent[:nu], items.latent[:ni]]).requires_grad_()
-        self.codes = torch.cat([users.codes[:nu], items.codes[:ni]])
-        self.optimizer = torch.optim.Adam([self.levels, self.latent], lr=cfg.consolidate_lr)
+        embedding = QuantizedEmbedding(torch.cat([users.levels[:nu], items.levels[:ni]]),
+                                       torch.cat([users.codes[:nu], items.codes[:ni]]),
+                                       torch.cat([users.latent[:nu], items.latent[:ni]]),
+                                       cfg.bits, METHODS["gnaq"], cfg.rau_alpha, cfg.rau_half_degree)
+        self.model = Recommender(nu, ni, embedding, cfg.n_layers)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.consolidate_lr)
 
     def run(self, seconds: float) -> int:
         """Optimiser steps until `seconds` have passed (at least one); the number taken."""
-        cfg = self.cfg
+        cfg, n_items = self.cfg, self.model.n_items
         start, steps = time.perf_counter(), 0
         while steps == 0 or time.perf_counter() - start < seconds:
             pick = self.rng.integers(0, len(self.edge_users), cfg.consolidate_batch)
-            users = torch.from_numpy(self.edge_users[pick])
-            items = torch.from_numpy(self.edge_items[pick])
-            negatives = torch.from_numpy(self.rng.integers(0, self.n_items, (len(pick), cfg.n_negatives)))
-            layer0 = dequantize(self.levels, self.codes) + (self.latent - self.latent.detach())
-            final = propagate(self.adj, layer0, cfg.n_layers)
-            loss = ranking_loss(final, layer0, self.n_users, users, items, negatives, cfg.lambda_weight, cfg.reg)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            with torch.no_grad():  # the offline gnaq rule: RAU codes after every step
-                aggregate = torch.sparse.mm(self.adj, dequantize(self.levels, self.codes))
-                self.codes = rau_codes(self.latent, aggregate, self.levels, self.mix)
+            negatives = self.rng.integers(0, n_items, (len(pick), cfg.n_negatives))
+            training_step(self.model, self.adj, self.optimizer, torch.from_numpy(self.edge_users[pick]),
+                          torch.from_numpy(self.edge_items[pick]), torch.from_numpy(negatives),
+                          cfg.lambda_weight, cfg.reg)
             steps += 1
         return steps
 
     @torch.no_grad()
     def write_to(self, users: NodeTable, items: NodeTable) -> None:
         """The tables take the consolidated model (levels rounded to their stored dtype)."""
-        nu, ni = self.n_users, self.n_items
-        stored, latent = round_levels(self.levels, self.cfg.level_dtype), self.latent.detach()
+        nu, ni = self.model.n_users, self.model.n_items
+        emb = self.model.embedding
+        stored, latent = emb.stored_levels(self.cfg.level_dtype), emb.latent.detach()
         users.levels[:nu], items.levels[:ni] = stored[:nu], stored[nu:]
         users.latent[:nu], items.latent[:ni] = latent[:nu], latent[nu:]
-        users.codes[:nu], items.codes[:ni] = self.codes[:nu], self.codes[nu:]
+        users.codes[:nu], items.codes[:ni] = emb.codes[:nu], emb.codes[nu:]

@@ -66,6 +66,22 @@ def ranking_loss(final: torch.Tensor, layer0: torch.Tensor, n_users: int, users:
     return loss + reg * l2 / (2 * len(users))
 
 
+def training_step(rec: Recommender, adj: torch.Tensor, opt: torch.optim.Optimizer, users: torch.Tensor,
+                  pos: torch.Tensor, neg: torch.Tensor, lambda_weight: float, reg: float,
+                  update_codes: bool = True) -> torch.Tensor:
+    """One optimiser step on `ranking_loss` over the full graph, then (with `update_codes`) the codes
+    re-derived by the method's rule; the step's loss. Offline training and consolidation share it."""
+    layer0 = rec.embedding.layer0()
+    final = propagate(adj, layer0, rec.n_layers)
+    loss = ranking_loss(final, layer0, rec.n_users, users, pos, neg, lambda_weight, reg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if update_codes:
+        rec.embedding.update_codes(adj, rec.n_layers)
+    return loss
+
+
 @dataclass
 class TrainResult:
     model: StoredModel
@@ -149,16 +165,8 @@ def train(data: InteractionData, cfg: TrainConfig, init: torch.Tensor | None = N
             idx = order[lo:lo + cfg.batch_size]
             users = data.train.users[idx]
             neg = sampler.sample(users, cfg.n_negatives)
-            layer0 = rec.embedding.layer0()
-            final = propagate(adj, layer0, cfg.n_layers)
-            loss = ranking_loss(final, layer0, data.n_users, torch.from_numpy(users),
-                                torch.from_numpy(data.train.items[idx]), torch.from_numpy(neg),
-                                lambda_weight, cfg.reg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if (step + 1) % cfg.rau_every == 0:
-                rec.embedding.update_codes(adj, cfg.n_layers)
+            loss = training_step(rec, adj, opt, torch.from_numpy(users), torch.from_numpy(data.train.items[idx]),
+                                 torch.from_numpy(neg), lambda_weight, cfg.reg, (step + 1) % cfg.rau_every == 0)
         seconds += time.perf_counter() - start
         epochs_run = epoch
         bar.set_postfix(loss=f"{loss.item():.4f}")
