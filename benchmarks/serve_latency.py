@@ -3,8 +3,8 @@
 For each dataset and checkpoint:
 1. Serving rows are produced the production way: the learner (`StreamLearner.from_checkpoint`)
    propagates, and `UpdatesPublisher` quantizes and publishes them to a local Tansu broker.
-2. In process, for the same random users, in alternating blocks: packed scoring (`PackedScorer` +
-   `top_k`) against dequantise-once-then-matmul (an fp32 item matrix held in memory, same top-K):
+2. In process, for the same random users, in alternating blocks: packed scoring (`ItemIndex.top_k`,
+   what a replica runs) against dequantise-once-then-matmul (an fp32 item matrix held in memory, same top-K):
    per-request latency and the bytes each holds per item table.
 3. Over HTTP: one `gnaq-stream serve` replica follows the topic; client threads request
    /recommend/{user}?k=20 for random users: p50/p99 latency and requests/s (clients share the 2 cores).
@@ -42,7 +42,7 @@ from gnaq_stream.config import LearnerConfig  # noqa: E402
 from gnaq_stream.data.datasets import load_dataset, resolve_name  # noqa: E402
 from gnaq_stream.quant.packing import unpack_rows  # noqa: E402
 from gnaq_stream.quant.quantizer import dequantize  # noqa: E402
-from gnaq_stream.serve.scoring import PackedScorer, top_k  # noqa: E402
+from gnaq_stream.serve.scoring import ItemIndex, top_k  # noqa: E402
 from gnaq_stream.stream.learner import StreamLearner  # noqa: E402
 from gnaq_stream.stream.updates import UpdatesPublisher  # noqa: E402
 from gnaq_stream.train.evaluation import evaluate_ranking, interaction_matrix  # noqa: E402
@@ -57,15 +57,17 @@ def percentiles(seconds: list[float]) -> tuple[float, float]:
 
 def in_process(learner: StreamLearner, rows: dict[str, np.ndarray], users: np.ndarray) -> dict:
     cfg, g = learner.cfg, learner.graph
-    scorer = PackedScorer(cfg.dim, cfg.bits, cfg.level_dtype)
+    index = ItemIndex(cfg.dim, cfg.bits, cfg.level_dtype)
+    scorer = index.scorer
     item_rows = rows["item"]
+    index.put(np.arange(len(item_rows)), item_rows)
     codes, levels = unpack_rows(item_rows, cfg.dim, cfg.bits, cfg.level_dtype)
     fp32 = dequantize(levels, torch.from_numpy(codes)).numpy()
     histories = [np.asarray(g.user_items[u], dtype=np.int64) for u in users.tolist()]
 
     def packed(k: int) -> np.ndarray:
         vector = scorer.user_vector(rows["user"][users[k]])
-        return top_k(scorer.scores(vector, item_rows, len(item_rows)), K, histories[k])[0]
+        return index.top_k(vector, K, histories[k])[0]
 
     def dense(k: int) -> np.ndarray:
         vector = scorer.user_vector(rows["user"][users[k]])
@@ -82,9 +84,9 @@ def in_process(learner: StreamLearner, rows: dict[str, np.ndarray], users: np.nd
             start = time.perf_counter()
             path(k)
             times[name].append(time.perf_counter() - start)
-    return {"kernel": "compiled AVX-512 (_fastscan.c)" if scorer.compiled else "numba",
+    return {"kernel": "compiled AVX-512 fast scan (_fastscan.c)" if index.compiled else "numba",
             "packed_ms": percentiles(times["packed"]), "fp32_ms": percentiles(times["fp32"]),
-            "packed_bytes": item_rows.nbytes, "fp32_bytes": fp32.nbytes,
+            "packed_bytes": index.nbytes, "fp32_bytes": fp32.nbytes,
             "packed_per_s": 1 / np.mean(times["packed"]), "fp32_per_s": 1 / np.mean(times["fp32"])}
 
 

@@ -14,7 +14,7 @@ from rocksdict import Options, Rdict
 
 from gnaq_stream.errors import GnaqError
 from gnaq_stream.quant.packing import row_bytes
-from gnaq_stream.serve.scoring import PackedScorer, top_k
+from gnaq_stream.serve.scoring import ItemIndex, PackedScorer
 from gnaq_stream.stream.updates import HistoryUpdate, RowUpdate, decode_meta, decode_update
 
 
@@ -27,29 +27,52 @@ class NotReady(GnaqError):
 
 
 class _Rows:
-    """Growable packed rows of one node kind, with versions and external ids."""
+    """Growable packed rows of one node kind, with versions and external ids. Item rows are held
+    by the scorer's `ItemIndex` (in its layout); user rows as a plain array."""
 
-    def __init__(self, width: int):
-        self.width = width
-        self.rows = np.zeros((1024, width), dtype=np.uint8)
+    def __init__(self, width: int, index: ItemIndex | None = None):
+        self.width, self.index = width, index
+        self.rows = None if index is not None else np.zeros((1024, width), dtype=np.uint8)
         self.versions = np.full(1024, -1, dtype=np.int64)
         self.ids: list[str] = []
         self.n = 0
+        self._unpublished: np.ndarray | None = None
 
     def put(self, update: RowUpdate) -> bool:
         i = update.index
-        if i >= len(self.rows):
-            grow = max(i + 1, 2 * len(self.rows))
-            self.rows = np.concatenate([self.rows, np.zeros((grow - len(self.rows), self.width), dtype=np.uint8)])
+        if i >= len(self.versions):
+            grow = max(i + 1, 2 * len(self.versions))
             self.versions = np.concatenate([self.versions, np.full(grow - len(self.versions), -1, dtype=np.int64)])
+            if self.rows is not None:
+                self.rows = np.concatenate([self.rows, np.zeros((grow - len(self.rows), self.width), dtype=np.uint8)])
         if update.version < self.versions[i]:
             return False
-        self.rows[i] = np.frombuffer(update.row, dtype=np.uint8)
+        row = np.frombuffer(update.row, dtype=np.uint8)
+        if self.index is not None:
+            self.index.put(np.array([i]), row[None, :])
+        else:
+            self.rows[i] = row
         self.versions[i] = update.version
         self.ids.extend([""] * (i + 1 - len(self.ids)))
         self.ids[i] = update.external_id
         self.n = max(self.n, i + 1)
+        self._unpublished = None
         return True
+
+    def indexed(self, index: ItemIndex) -> _Rows:
+        """The same rows held by `index` (rows that arrived before the model's meta record)."""
+        table = _Rows(self.width, index)
+        if self.rows is not None:
+            held = np.flatnonzero(self.versions[:self.n] >= 0)
+            index.put(held, self.rows[held])
+        table.versions, table.ids, table.n = self.versions, self.ids, self.n
+        return table
+
+    def unpublished(self) -> np.ndarray:
+        """Indices below n without a row yet (a publication still arriving)."""
+        if self._unpublished is None:
+            self._unpublished = np.flatnonzero(self.versions[:self.n] < 0)
+        return self._unpublished
 
     @property
     def nbytes(self) -> int:
@@ -100,11 +123,13 @@ class Replica:
             return False
         if self.meta is None or any(meta[k] != self.meta[k] for k in shape):
             width = row_bytes(meta["dim"], meta["bits"], meta["level_dtype"])
-            self.scorer = PackedScorer(meta["dim"], meta["bits"], meta["level_dtype"])
-            for table in ("users", "items"):  # rows that came before this meta record are kept if they fit
-                old = getattr(self, table)
-                if old is None or old.width != width:
-                    setattr(self, table, _Rows(width))
+            index = ItemIndex(meta["dim"], meta["bits"], meta["level_dtype"])
+            self.scorer = index.scorer
+            # rows that came before this meta record are kept if they fit (items move into the index)
+            if self.users is None or self.users.width != width:
+                self.users = _Rows(width)
+            fits = self.items is not None and self.items.width == width and self.items.index is None
+            self.items = self.items.indexed(index) if fits else _Rows(width, index)
         self.meta = meta
         return True
 
@@ -141,17 +166,15 @@ class Replica:
 
     def recommend(self, user: str, k: int) -> dict:
         """Top-k items for an external user id, the user's own items excluded."""
-        if self.meta is None or self.items is None or self.users is None:
-            raise NotReady("no model received yet")
+        if self.meta is None or self.items is None or self.users is None or self.items.index is None:
+            raise NotReady("no model received yet")  # or only rows that do not fit the model's meta record
         idx = self.user_index.get(user)
         if idx is None or self.users.versions[idx] < 0:
             raise UnknownUser(f"unknown user {user!r}")
-        n_items = self.items.n  # rows of a publication still arriving are served already
         vector = self.scorer.user_vector(self.users.rows[idx])
-        scores = self.scorer.scores(vector, self.items.rows, n_items)
         _, history = self.histories.get(idx, (0, np.zeros(0, dtype=np.int64)))
-        unpublished = np.flatnonzero(self.items.versions[:n_items] < 0)
-        best, best_scores = top_k(scores, k, np.concatenate([history, unpublished]))
+        # rows of a publication still arriving are served already; items not yet arrived are skipped
+        best, best_scores = self.items.index.top_k(vector, k, np.concatenate([history, self.items.unpublished()]))
         return {"user": user, "k": k, "model_version": self.model_version,
                 "user_version": int(self.users.versions[idx]),
                 "items": [{"item": self.items.ids[i], "score": float(s)} for i, s in zip(best.tolist(), best_scores)]}

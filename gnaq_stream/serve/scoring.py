@@ -6,13 +6,13 @@ a replica needs neither the graph nor a propagation step. The score of item i fo
 
     sum_d f[d] * L_i[c_id] = sum_k L_i[k] * S_ik,   S_ik = sum of f over the dims whose code is k.
 
-When codes pack evenly into bytes (1, 2, 4 bits), S_i is the sum over the row's code bytes of a table
-T[byte position, byte value] built once per request from f: one lookup per byte instead of one per
-dimension. 3- and 8-bit rows decode code by code. Levels are decoded from their stored dtype inside
-the loop through a lookup table, so nothing but the packed rows is held per item.
-
-2-bit rows (the default) are scored by a compiled AVX-512 kernel when the CPU has it (_fastscan.c:
-16 rows per instruction, 16-entry tables per four dimensions); elsewhere by the numba kernels.
+`ItemIndex` holds a replica's item rows and answers exact top-K. For 2-bit rows (the default) on a
+CPU with AVX-512 it keeps them in 64-item blocks and runs the compiled fast scan (_fastscan.c: an
+8-bit lookup pass bounds every score, and only items that can still make the top K are scored
+exactly). Elsewhere it keeps plain rows scored by the numba kernels of `PackedScorer`: when codes
+pack evenly into bytes (1, 2, 4 bits), S_i is the sum over the row's code bytes of a table
+T[byte position, byte value] built once per request from f; 3- and 8-bit rows decode code by code.
+Levels are decoded from their stored dtype inside the loop, so nothing but packed rows is held.
 """
 
 from __future__ import annotations
@@ -131,14 +131,13 @@ BYTE_TABLE_BITS = (1, 2, 4)  # codes pack evenly into bytes and the per-request 
 
 
 class PackedScorer:
-    """Scores a user vector against the first `n` of a block of packed item rows."""
+    """Scores a user vector against the first `n` of a block of packed item rows (numba kernels)."""
 
     def __init__(self, dim: int, bits: int, level_dtype: str):
         self.dim, self.bits, self.level_dtype = dim, bits, level_dtype
         self.n_bytes = code_bytes(dim, bits)
         self.width = check_level_dtype(level_dtype).itemsize
         self.lut = _level_lut(level_dtype)
-        self.compiled = bool(_fastscan and _fastscan.available and bits == 2 and dim % 32 == 0 and dim <= 256)
         self.scores(np.zeros(dim, dtype=np.float32), np.zeros((1, row_bytes(dim, bits, level_dtype)), np.uint8), 1)
 
     def user_vector(self, row: np.ndarray) -> np.ndarray:
@@ -148,15 +147,64 @@ class PackedScorer:
 
     def scores(self, user: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
         """Scores of rows[:n] for a user vector (float32)."""
-        if self.compiled:
-            out = np.empty(n, dtype=np.float32)
-            _fastscan.scores(np.ascontiguousarray(rows), n, rows.shape[1], self.dim, self.width,
-                             np.ascontiguousarray(user, np.float32), out)
-            return out
         if self.bits in BYTE_TABLE_BITS:
             table = _byte_tables(user, self.bits, self.n_bytes)
             return _byte_kernel(1 << self.bits)(rows, n, table, self.width, self.lut)
         return _code_kernel(self.bits)(rows, n, user, self.n_bytes, self.width, self.lut)
+
+
+def compiled_kernel_serves(dim: int, bits: int) -> bool:
+    """Whether `ItemIndex` uses the compiled fast scan for rows of this shape on this CPU."""
+    return bool(_fastscan and _fastscan.available and bits == 2 and dim % 8 == 0 and dim <= 256)
+
+
+class ItemIndex:
+    """Packed item rows in the layout the scorer reads (64-item blocks for the compiled kernel,
+    plain rows otherwise), growable, with exact top-K for a user vector."""
+
+    def __init__(self, dim: int, bits: int, level_dtype: str, compiled: bool | None = None):
+        self.scorer = PackedScorer(dim, bits, level_dtype)
+        self.row_width = row_bytes(dim, bits, level_dtype)
+        self.compiled = compiled_kernel_serves(dim, bits) if compiled is None else compiled
+        # a block holds 64 rows' bytes, rearranged
+        self.unit, unit_bytes = (_fastscan.BLOCK, _fastscan.BLOCK * self.row_width) if self.compiled \
+            else (1, self.row_width)
+        self.data = np.zeros((0, unit_bytes), dtype=np.uint8)
+        self.n = 0
+
+    def put(self, indices: np.ndarray, rows: np.ndarray) -> None:
+        """Write packed rows (one per index), growing the table as needed."""
+        indices = np.ascontiguousarray(indices, dtype=np.int64)
+        if len(indices) == 0:
+            return
+        end = int(indices.max()) + 1
+        units = -(-end // self.unit)
+        if units > len(self.data):
+            grown = np.zeros((max(units, 2 * len(self.data)), self.data.shape[1]), dtype=np.uint8)
+            grown[:len(self.data)] = self.data
+            self.data = grown
+        if self.compiled:
+            s = self.scorer
+            _fastscan.set_rows(self.data, s.dim, s.width, indices, np.ascontiguousarray(rows, dtype=np.uint8))
+        else:
+            self.data[indices] = rows
+        self.n = max(self.n, end)
+
+    def top_k(self, user: np.ndarray, k: int, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Indices and scores of the k best items, best first, never an excluded index."""
+        if not self.compiled:
+            return top_k(self.scorer.scores(user, self.data, self.n), k, exclude)
+        s = self.scorer
+        k = max(k, 1)
+        idx, val = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.float32)
+        count = _fastscan.top_k(self.data, self.n, s.dim, s.width, np.ascontiguousarray(user, dtype=np.float32), k,
+                                np.unique(np.asarray(exclude, dtype=np.int64)), s.lut, idx, val)
+        return idx[:count], val[:count]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows held (a packed row's bytes per item, in either layout)."""
+        return self.n * self.row_width
 
 
 @numba.njit(cache=True, boundscheck=False)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from gnaq_stream.config import LearnerConfig
-from gnaq_stream.serve.scoring import PackedScorer, quantize_rows, top_k
+from gnaq_stream.serve.scoring import ItemIndex, quantize_rows
 from gnaq_stream.store.embedding_store import EmbeddingStore, inspect_store
 
 from .conftest import GROUP_CONSUMER_KWARGS, create_topic, free_port, produce, wait_until
@@ -81,12 +81,12 @@ def learner_top_k(store: Path, users: list[str], k: int) -> dict[str, list[str]]
     cfg, g = learner.cfg, learner.graph
     user_rows = quantize_rows(learner.final_users, cfg.bits, cfg.level_dtype)
     item_rows = quantize_rows(learner.final_items, cfg.bits, cfg.level_dtype)
-    scorer = PackedScorer(cfg.dim, cfg.bits, cfg.level_dtype)
+    index = ItemIndex(cfg.dim, cfg.bits, cfg.level_dtype)
+    index.put(np.arange(len(item_rows)), item_rows)
     out = {}
     for user in users:
         u = g.users.get(user)
-        scores = scorer.scores(scorer.user_vector(user_rows[u]), item_rows, len(item_rows))
-        best, _ = top_k(scores, k, np.asarray(g.user_items[u], dtype=np.int64))
+        best, _ = index.top_k(index.scorer.user_vector(user_rows[u]), k, np.asarray(g.user_items[u], dtype=np.int64))
         out[user] = [g.items.external[i] for i in best.tolist()]
     return out
 

@@ -6,7 +6,7 @@ import torch
 
 from gnaq_stream.quant.packing import SUPPORTED_BITS, unpack_rows
 from gnaq_stream.quant.quantizer import dequantize, init_from_embedding
-from gnaq_stream.serve.scoring import PackedScorer, quantize_rows, top_k
+from gnaq_stream.serve.scoring import ItemIndex, PackedScorer, compiled_kernel_serves, quantize_rows, top_k
 
 
 @pytest.mark.parametrize("level_dtype", ["fp8", "fp16", "fp32"])
@@ -23,25 +23,43 @@ def test_packed_scores_equal_dequantised_dot_products(bits, level_dtype):
 
 
 def _cpu_has_avx512() -> bool:
-    return " avx512f" in open("/proc/cpuinfo").read() if sys.platform == "linux" else False
+    flags = open("/proc/cpuinfo").read() if sys.platform == "linux" else ""
+    return " avx512f" in flags and " avx512bw" in flags
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("level_dtype", ["fp8", "fp16", "fp32"])
-@pytest.mark.parametrize("dim", [32, 64, 96])
-def test_compiled_kernel_scores_equal_dequantised_dot_products(dim, level_dtype):
+@pytest.mark.parametrize("dim", [8, 64, 96, 256])
+def test_item_index_top_k_is_the_exact_top_k(dim, level_dtype, compiled):
+    # on a machine like CI's the compiled kernel must be the one serving, not a silent fallback
+    assert compiled_kernel_serves(dim, 2) == _cpu_has_avx512()
+    if compiled and not _cpu_has_avx512():
+        pytest.skip("the compiled kernel needs AVX-512 (F and BW); the numba case covers this CPU")
     torch.manual_seed(dim)
-    emb = torch.randn(300, dim) * torch.logspace(-3, 1, 300)[:, None]  # fp8 subnormal levels included
+    n = 1000  # 15 whole blocks of 64 and a partial one
+    emb = torch.randn(n, dim) * torch.logspace(-3, 1, n)[:, None]  # fp8 subnormal levels included
     rows = quantize_rows(emb, 2, level_dtype)
     codes, levels = unpack_rows(rows, dim, 2, level_dtype)
     items = dequantize(levels, torch.from_numpy(codes)).numpy()
-    scorer = PackedScorer(dim, 2, level_dtype)
-    # on a machine like CI's the compiled kernel must be the one serving, not a silent fallback
-    assert scorer.compiled == _cpu_has_avx512()
-    user = torch.randn(dim).numpy()
-    for n in (1, 15, 16, 17, 300):  # whole and partial blocks of 16 rows
-        np.testing.assert_allclose(scorer.scores(user, rows, n), items[:n] @ user, rtol=1e-4, atol=1e-4)
-    scorer.compiled = False  # the numba kernel agrees
-    np.testing.assert_allclose(scorer.scores(user, rows, 300), items @ user, rtol=1e-4, atol=1e-4)
+    index = ItemIndex(dim, 2, level_dtype, compiled=compiled)
+    order = np.random.default_rng(0).permutation(n)
+    index.put(order[:500], rows[order[:500]])  # any order; the table grows as it goes
+    index.put(order[500:], np.zeros((n - 500, rows.shape[1]), np.uint8))
+    index.put(order[500:], rows[order[500:]])  # overwritten in place
+    assert index.n == n and index.nbytes == rows.nbytes
+    rng = np.random.default_rng(1)
+    for k in (1, 20, 200):
+        user = torch.randn(dim).numpy()
+        exclude = rng.integers(0, n + 50, 40)  # indices beyond n are harmless
+        best, values = index.top_k(user, k, exclude)
+        truth = items @ user
+        allowed = np.setdiff1d(np.arange(n), exclude)
+        expected = np.sort(truth[allowed])[::-1][:k]
+        assert len(best) == k and not np.isin(best, exclude).any() and len(set(best.tolist())) == k
+        np.testing.assert_allclose(values, truth[best], rtol=1e-4, atol=1e-4)  # each score is its item's
+        np.testing.assert_allclose(values, expected, rtol=1e-4, atol=1e-4)  # and they are the k best
+    best, _ = index.top_k(torch.randn(dim).numpy(), n, np.arange(0, n, 2))  # fewer items left than k
+    assert sorted(best.tolist()) == list(range(1, n, 2))
 
 
 def test_quantize_rows_is_the_gnaq_node_initialisation():
