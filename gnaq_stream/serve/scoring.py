@@ -23,7 +23,7 @@ import numba
 import numpy as np
 import torch
 
-from gnaq_stream.quant.packing import check_level_dtype, code_bytes, pack_rows, round_levels, row_bytes, unpack_rows
+from gnaq_stream.quant.packing import check_level_dtype, code_bytes, pack_rows, round_levels, row_bytes
 from gnaq_stream.quant.quantizer import init_from_embedding
 
 try:
@@ -58,6 +58,28 @@ def _level(row: np.ndarray, start: int, k: int, width: int, lut: np.ndarray) -> 
     bits32 = np.empty(1, dtype=np.uint32)
     bits32[0] = row[at] | (np.uint32(row[at + 1]) << 8) | (np.uint32(row[at + 2]) << 16) | (np.uint32(row[at + 3]) << 24)
     return bits32.view(np.float32)[0]
+
+
+@numba.njit(cache=True, inline="always")
+def _code(row: np.ndarray, d: int, bits: int, mask: int) -> int:
+    """Code of dimension d in a row's little-endian bit stream."""
+    bit = d * bits
+    word = np.int32(row[bit >> 3])
+    if (bit & 7) + bits > 8:
+        word |= np.int32(row[(bit >> 3) + 1]) << 8
+    return (word >> (bit & 7)) & mask
+
+
+@numba.njit(cache=True)
+def _row_vector(row: np.ndarray, dim: int, bits: int, n_bytes: int, width: int, lut: np.ndarray) -> np.ndarray:
+    """One packed row, dequantised."""
+    levels = np.empty(1 << bits, dtype=np.float32)
+    for k in range(1 << bits):
+        levels[k] = _level(row, n_bytes, k, width, lut)
+    out = np.empty(dim, dtype=np.float32)
+    for d in range(dim):
+        out[d] = levels[_code(row, d, bits, (1 << bits) - 1)]
+    return out
 
 
 @numba.njit(cache=True)
@@ -116,11 +138,7 @@ def _code_kernel(bits: int):
                 levels[k] = _level(row, n_bytes, k, width, lut)
             score = np.float32(0.0)
             for d in range(user.shape[0]):
-                bit = d * bits
-                word = np.int32(row[bit >> 3])
-                if (bit & 7) + bits > 8:
-                    word |= np.int32(row[(bit >> 3) + 1]) << 8
-                score += user[d] * levels[(word >> (bit & 7)) & mask]
+                score += user[d] * levels[_code(row, d, bits, mask)]
             out[i] = score
         return out
 
@@ -142,8 +160,7 @@ class PackedScorer:
 
     def user_vector(self, row: np.ndarray) -> np.ndarray:
         """A user's serving row, dequantised (one row: cheap)."""
-        codes, levels = unpack_rows(row[None, :], self.dim, self.bits, self.level_dtype)
-        return levels[0].numpy()[codes[0]].astype(np.float32)
+        return _row_vector(row, self.dim, self.bits, self.n_bytes, self.width, self.lut)
 
     def scores(self, user: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
         """Scores of rows[:n] for a user vector (float32)."""
