@@ -89,7 +89,9 @@ class LearnerConfig:
     consolidate_ratio: float = 1.0
     consolidate_lr: float = 0.01  # 0.05 cost gowalla-ts 2.4 points of Recall@20 (docs/architecture.md)
     consolidate_batch: int = 32768
-    consolidate_slice_seconds: float = 1.0  # longest a message arriving meanwhile waits
+    consolidate_slice_seconds: float = 1.0  # a message arriving meanwhile waits this (+ one step) at most
+    # only after this long without a message: a steady stream is never delayed by consolidation
+    consolidate_after_idle_seconds: float = 2.0
     prequential_sample: float = 0.02
     prequential_window: int = 5000
     refresh_seconds: float = 10.0
@@ -104,8 +106,9 @@ class LearnerConfig:
         if self.refine_steps < 0 or self.refine_max_events < 1 or self.neighbour_samples < 1 or self.n_negatives < 1:
             raise ConfigError("refine_steps must be >= 0, neighbour_samples and n_negatives >= 1")
         if self.consolidate_ratio < 0 or self.consolidate_lr <= 0 or self.consolidate_batch < 1 \
-                or self.consolidate_slice_seconds <= 0:
-            raise ConfigError("consolidate_ratio must be >= 0, consolidate_lr, _batch and _slice_seconds > 0")
+                or self.consolidate_slice_seconds <= 0 or self.consolidate_after_idle_seconds < 0:
+            raise ConfigError("consolidate_ratio and _after_idle_seconds must be >= 0, consolidate_lr, _batch and "
+                              "_slice_seconds > 0")
         if not 0.0 <= self.prequential_sample <= 1.0:
             raise ConfigError(f"prequential_sample must be in [0, 1], got {self.prequential_sample}")
 

@@ -74,6 +74,7 @@ class StreamConsumer:
         self.pending: list = []
         self.consumed = 0
         self.budget = 0.0  # consolidation seconds earned by micro-batches, spent while idle
+        self.consolidated_steps = 0
         self.last_activity = time.monotonic()
         self.store = EmbeddingStore(ccfg.store)
         if self.store.is_empty():
@@ -138,7 +139,7 @@ class StreamConsumer:
                 self.last_activity = now
             self._update_lag()
             idle = not polled and not self.pending
-            if idle and self._can_consolidate():
+            if idle and self._can_consolidate(now):
                 self._consolidate()
             elif self.updates and idle and self.learner.final_version != self.learner.version:
                 self._publish_updates(0, refresh=True)  # idle: let the replicas catch up fully
@@ -206,18 +207,24 @@ class StreamConsumer:
         self.budget += self.learner.cfg.consolidate_ratio * elapsed
         self._update_model_metrics()
 
-    def _can_consolidate(self) -> bool:
-        return self.budget > 0 and self.learner.graph.n_edges > 0  # no budget accrues at ratio 0
+    def _can_consolidate(self, now: float) -> bool:
+        quiet = now - self.last_activity >= self.learner.cfg.consolidate_after_idle_seconds
+        return quiet and self.budget > 0 and self.learner.graph.n_edges > 0  # no budget accrues at ratio 0
 
     def _consolidate(self) -> None:
         """One slice of idle-time full-graph training, stored like a micro-batch (offsets unchanged)."""
         start = time.perf_counter()
-        result, _ = self.learner.consolidate(min(self.budget, self.learner.cfg.consolidate_slice_seconds))
+        result, steps = self.learner.consolidate(min(self.budget, self.learner.cfg.consolidate_slice_seconds))
         self.store.write_batch(self.learner, result, {})
         spent = time.perf_counter() - start
         self.budget = max(self.budget - spent, 0.0)
+        self.consolidated_steps += steps
         self.metrics.consolidate_seconds.inc(spent)
         self._update_model_metrics()
+        if self.budget == 0.0:
+            log.info("consolidated: %d full-graph steps; model version %d", self.consolidated_steps,
+                     self.learner.version)
+            self.consolidated_steps = 0
 
     def _dead_letter(self, rejected: list[tuple]) -> None:
         def publish():

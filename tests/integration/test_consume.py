@@ -74,6 +74,25 @@ def test_consumes_ml100k_in_time_order(kafka_broker, data_dir, tmp_path):
     assert stored_edge_events(store) == dict(expected)
 
 
+def test_consolidates_only_once_the_stream_is_quiet(kafka_broker, data_dir, tmp_path):
+    events = ml100k_events(data_dir, 2000)
+    create_topic(kafka_broker.bootstrap, "quiet", partitions=1)
+    produce(kafka_broker.bootstrap, "quiet", encode(events))
+    runs = {}
+    for name, after_idle, idle_exit in (("quiet", "1", "10"), ("never-quiet-enough", "60", "10")):
+        store = tmp_path / name
+        cmd = consume_cmd(kafka_broker.bootstrap, "quiet", store, "--micro-batch-size", "500", "--idle-exit", idle_exit,
+                          "--consolidate-after-idle-seconds", after_idle)
+        cmd[cmd.index("--group") + 1] = f"g-{name}"
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[name] = (proc.stderr, inspect_store(store))
+    stderr, info = runs["quiet"]
+    assert "consolidated:" in stderr and info["events"] == 2000 and sum(info["offsets"].values()) == 2000
+    stderr, info = runs["never-quiet-enough"]  # idle for 10 s, consolidation would start after 60
+    assert "consolidated:" not in stderr and info["events"] == 2000, stderr
+
+
 def test_kill9_mid_stream_then_restart_applies_every_event_once(kafka_broker, data_dir, tmp_path):
     # far more events than the last kill point: a kill that lands a second late is still mid-stream
     events = ml100k_events(data_dir, 12000)
