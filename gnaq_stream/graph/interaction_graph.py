@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -52,20 +54,25 @@ class IdMap:
     def get(self, ext: str) -> int | None:
         return self.index.get(ext)
 
-    def add(self, ext: str) -> int:
-        """Index of `ext`, appending it when unseen."""
-        idx = self.index.get(ext)
-        if idx is None:
-            idx = self.index[ext] = len(self.external)
-            self.external.append(ext)
-        return idx
+    def add_all(self, exts: Sequence[str]) -> np.ndarray:
+        """Indices of `exts`, appending the unseen ones in order of first appearance."""
+        idx = list(map(self.index.get, exts))  # C-speed lookups: most ids are known
+        if None in idx:
+            for k, ext in enumerate(exts):
+                if idx[k] is None:
+                    found = self.index.get(ext)  # an id new in this batch may repeat within it
+                    if found is None:
+                        found = self.index[ext] = len(self.external)
+                        self.external.append(ext)
+                    idx[k] = found
+        return np.array(idx, dtype=np.int64)
 
 
 class InteractionGraph:
     """A growable bipartite graph: id maps, adjacency lists, degrees and per-edge event counts.
 
-    Adding an event costs O(1) (dict and list appends); the normalised adjacency of the whole graph
-    is built on demand (`normalized_adjacency`).
+    Adding events costs O(events) (dict lookups and list appends, batched); the normalised adjacency
+    of the whole graph is built on demand (`normalized_adjacency`).
     """
 
     def __init__(self) -> None:
@@ -87,35 +94,48 @@ class InteractionGraph:
     def n_edges(self) -> int:
         return len(self.edge_events)
 
-    def add_user(self, ext: str) -> int:
-        idx = self.users.add(ext)
-        if idx == len(self.user_items):
-            self.user_items.append([])
+    def add_users(self, exts: Sequence[str]) -> np.ndarray:
+        """Internal indices of these external user ids; unseen ids become new users."""
+        idx = self.users.add_all(exts)
+        self.user_items.extend([] for _ in range(self.n_users - len(self.user_items)))
         return idx
 
-    def add_item(self, ext: str) -> int:
-        idx = self.items.add(ext)
-        if idx == len(self.item_users):
-            self.item_users.append([])
+    def add_items(self, exts: Sequence[str]) -> np.ndarray:
+        """Internal indices of these external item ids; unseen ids become new items."""
+        idx = self.items.add_all(exts)
+        self.item_users.extend([] for _ in range(self.n_items - len(self.item_users)))
         return idx
 
-    def add_interaction(self, user: int, item: int, events: int = 1) -> bool:
-        """Record `events` interactions on (user, item); True when the edge is new."""
-        key = user << 32 | item
-        count = self.edge_events.get(key)
-        self.edge_events[key] = (count or 0) + events
-        self.n_events += events
-        if count is None:
-            self.user_items[user].append(item)
-            self.item_users[item].append(user)
-            return True
-        return False
+    def add_interactions(self, users: np.ndarray, items: np.ndarray) -> int:
+        """Record one event per (user, item) pair of internal indices; returns how many edges are new."""
+        keys, counts = np.unique(np.asarray(users, dtype=np.int64) << 32 | np.asarray(items, dtype=np.int64),
+                                 return_counts=True)
+        keys, counts = keys.tolist(), counts.tolist()
+        edges = self.edge_events
+        before = list(map(edges.get, keys))
+        edges.update(zip(keys, [c if b is None else b + c for b, c in zip(before, counts)]))
+        new = 0
+        for key, b in zip(keys, before):
+            if b is None:
+                u, i = key >> 32, key & 0xFFFFFFFF
+                self.user_items[u].append(i)
+                self.item_users[i].append(u)
+                new += 1
+        self.n_events += len(users)
+        return new
 
-    def user_degrees(self) -> np.ndarray:
-        return np.fromiter((len(x) for x in self.user_items), dtype=np.int64, count=self.n_users)
+    def user_degrees(self, users: np.ndarray | None = None) -> np.ndarray:
+        """Distinct items of each user (all users, or these)."""
+        return self._degrees(self.user_items, users)
 
-    def item_degrees(self) -> np.ndarray:
-        return np.fromiter((len(x) for x in self.item_users), dtype=np.int64, count=self.n_items)
+    def item_degrees(self, items: np.ndarray | None = None) -> np.ndarray:
+        """Distinct users of each item (all items, or these)."""
+        return self._degrees(self.item_users, items)
+
+    @staticmethod
+    def _degrees(adjacency: list[list[int]], nodes: np.ndarray | None) -> np.ndarray:
+        lists = adjacency if nodes is None else map(adjacency.__getitem__, nodes.tolist())
+        return np.fromiter(map(len, lists), dtype=np.int64, count=len(adjacency) if nodes is None else len(nodes))
 
     def edge_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         keys = np.fromiter(self.edge_events.keys(), dtype=np.int64, count=self.n_edges)

@@ -1,7 +1,7 @@
 """The learner's on-disk state in RocksDB (rocksdict, raw bytes), written once per micro-batch.
 
 Resume contract: each micro-batch is one atomic WriteBatch holding the changed node rows, the id-map
-additions, the edge event counts and the next Kafka offset of every partition it consumed. After a
+additions, the batch's events (one log record) and the next Kafka offset of every partition it consumed. After a
 crash the store is exactly the state after some micro-batch, and reading resumes from the offsets
 stored with it, so no event is lost or applied twice.
 
@@ -11,7 +11,8 @@ Keys (integers big-endian so keys sort by index):
     b"U" + u32 idx / b"I" + u32    node row: u64 LE version + packed row (gnaq_stream.quant.packing)
     b"u" + u32 idx / b"i" + u32    external id (UTF-8) of a user / item
     b"Nu" / b"Ni" + external id    u32 BE internal index (lookup by external id)
-    b"E" + u32 user + u32 item     u32 LE number of events on the edge
+    b"E" + u64 version             the (user, item) index pairs of that micro-batch's events, u32 LE each:
+                                   one record per batch, not one key per edge (the write cost is per key)
     b"O" + topic + b"\\0" + u32     i64 LE next offset to read in that partition
 """
 
@@ -31,11 +32,11 @@ from gnaq_stream.quant.node_table import NodeTable
 from gnaq_stream.quant.packing import code_bytes, level_bytes, row_bytes
 from gnaq_stream.stream.learner import BatchResult, StreamLearner
 
-STORE_FORMAT = "gnaq-stream-store/1"
+STORE_FORMAT = "gnaq-stream-store/2"
 _U32 = struct.Struct(">I")
 _VERSION = struct.Struct("<Q")
 _OFFSET = struct.Struct("<q")
-_COUNT = struct.Struct("<I")
+_SEQ = struct.Struct(">Q")
 
 
 class StoreError(GnaqError):
@@ -106,14 +107,16 @@ class EmbeddingStore:
     def write_initial(self, learner: StreamLearner) -> None:
         """Write a freshly started learner (e.g. from a checkpoint) in full, with no offsets."""
         g = learner.graph
+        users, items = g.edge_arrays()
+        counts = np.fromiter(g.edge_events.values(), dtype=np.int64, count=g.n_edges)
         result = BatchResult(learner.version, 0, new_users=list(g.users.external), new_items=list(g.items.external),
-                             edge_events=dict(g.edge_events), changed_users=np.arange(g.n_users),
-                             changed_items=np.arange(g.n_items))
+                             event_users=np.repeat(users, counts), event_items=np.repeat(items, counts),
+                             changed_users=np.arange(g.n_users), changed_items=np.arange(g.n_items))
         self.write_batch(learner, result, {}, first_user=0, first_item=0)
 
     def write_batch(self, learner: StreamLearner, result: BatchResult, offsets: dict[tuple[str, int], int],
                     first_user: int | None = None, first_item: int | None = None) -> None:
-        """One atomic WriteBatch: changed rows, new ids, edge counts, offsets, counters."""
+        """One atomic WriteBatch: changed rows, new ids, the batch's events, offsets, counters."""
         g, cfg = learner.graph, learner.cfg
         wb = WriteBatch(raw_mode=True)
         if self.is_empty():
@@ -138,8 +141,9 @@ class EmbeddingStore:
                                          table.packed(idx)], axis=1)
                 for key, value in zip(keys, values):
                     wb.put(key.tobytes(), value.tobytes())
-        for key, count in result.edge_events.items():
-            wb.put(b"E" + _U32.pack(key >> 32) + _U32.pack(key & 0xFFFFFFFF), _COUNT.pack(count))
+        if len(result.event_users):
+            pairs = np.stack([result.event_users, result.event_items], axis=1).astype("<u4")
+            wb.put(b"E" + _SEQ.pack(result.version), pairs.tobytes())
         for (topic, part), offset in offsets.items():
             wb.put(offset_key(topic, part), _OFFSET.pack(offset))
         wb.put(b"Mstate", json.dumps({"version": learner.version, "n_users": g.n_users, "n_items": g.n_items,
@@ -158,13 +162,16 @@ class EmbeddingStore:
         cfg = LearnerConfig(**{**cfg.__dict__, **{k: meta[k] for k in ("dim", "bits", "level_dtype", "n_layers")}})
         state = self.state_meta()
         graph = InteractionGraph()
-        for kind, add in ((b"u", graph.add_user), (b"i", graph.add_item)):
+        for kind, add in ((b"u", graph.add_users), (b"i", graph.add_items)):
+            ids = []
             for k, (key, value) in enumerate(_scan(self.db, kind)):
                 if _U32.unpack(key[1:])[0] != k:
                     raise StoreError(f"{self.path}: id map {kind.decode()} has a gap at {k}")
-                add(value.decode())
-        for key, value in _scan(self.db, b"E"):
-            graph.add_interaction(_U32.unpack(key[1:5])[0], _U32.unpack(key[5:9])[0], _COUNT.unpack(value)[0])
+                ids.append(value.decode())
+            add(ids)
+        log = [np.frombuffer(value, dtype="<u4") for _, value in _scan(self.db, b"E")]
+        pairs = np.concatenate(log).reshape(-1, 2).astype(np.int64) if log else np.zeros((0, 2), dtype=np.int64)
+        graph.add_interactions(pairs[:, 0], pairs[:, 1])
         tables = []
         for prefix, n in ((b"U", graph.n_users), (b"I", graph.n_items)):
             table = NodeTable(cfg.dim, cfg.bits, cfg.level_dtype, capacity=max(n, 1024))

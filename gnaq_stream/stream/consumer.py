@@ -173,25 +173,19 @@ class StreamConsumer:
     def _process(self, records: list) -> None:
         start = time.perf_counter()
         m = self.metrics
-        events: list[Event] = []
-        stamps: list[float] = []
-        rejected: list[tuple] = []
-        offsets: dict[tuple[str, int], int] = {}
-        for rec in records:
-            parsed = parse_event(rec.value, self.ccfg.max_message_bytes)
-            if isinstance(parsed, Rejection):
-                rejected.append((rec, parsed))
-            else:
-                events.append(parsed)
-                stamps.append(rec.timestamp / 1000.0)
-            key = (rec.topic, rec.partition)
-            offsets[key] = max(offsets.get(key, 0), rec.offset + 1)
+        limit = self.ccfg.max_message_bytes
+        parsed = [parse_event(rec.value, limit) for rec in records]
+        events: list[Event] = [p for p in parsed if type(p) is Event]
+        rejected = [] if len(events) == len(parsed) else [(r, p) for r, p in zip(records, parsed) if type(p) is Rejection]
+        stamps = np.array([r.timestamp for r, p in zip(records, parsed) if type(p) is Event], dtype=np.float64) / 1000
+        # a partition's records are pending in offset order, so its last one gives the next offset
+        offsets = {(rec.topic, rec.partition): rec.offset + 1 for rec in records}
         if rejected:
             self._dead_letter(rejected)
         self.prequential.score(self.learner, events)
         result = self.learner.apply_micro_batch(events)
         self.store.write_batch(self.learner, result, offsets)
-        self._publish_updates(np.unique(np.fromiter(result.edge_events, dtype=np.int64) >> 32))
+        self._publish_updates(np.unique(result.event_users))
         self._commit(offsets)
         applied_at = time.time()
         self.consumed += len(records)
@@ -199,8 +193,7 @@ class StreamConsumer:
         m.events_applied.inc(len(events))
         for rec, rej in rejected:
             m.events_rejected.labels(rej.reason).inc()
-        for ts in stamps:
-            m.freshness_seconds.observe(max(applied_at - ts, 0.0))
+        m.freshness_seconds.observe(np.maximum(applied_at - stamps, 0.0))
         m.refine_seconds.observe(result.refine_seconds)
         elapsed = time.perf_counter() - start
         m.micro_batch_seconds.observe(elapsed)

@@ -42,7 +42,8 @@ class BatchResult:
     events: int
     new_users: list[str] = field(default_factory=list)
     new_items: list[str] = field(default_factory=list)
-    edge_events: dict[int, int] = field(default_factory=dict)  # edge key -> total events after the batch
+    event_users: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # per event, in order
+    event_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     changed_users: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     changed_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     refine_seconds: float = 0.0
@@ -82,13 +83,10 @@ class StreamLearner:
                                **({"bits": model.bits, "level_dtype": model.level_dtype} if model.bits else {})})
         learner = cls(cfg)
         g = learner.graph
-        for k in range(model.n_users):
-            g.add_user(str(k))
-        for k in range(model.n_items):
-            g.add_item(str(k))
+        g.add_users([str(k) for k in range(model.n_users)])
+        g.add_items([str(k) for k in range(model.n_items)])
         if model.edges is not None:
-            for u, i in model.edges.tolist():
-                g.add_interaction(u, i)
+            g.add_interactions(model.edges[:, 0], model.edges[:, 1])
         if model.bits is None:
             learner.users.append(model.embedding[:model.n_users], 0)
             learner.items.append(model.embedding[model.n_users:], 0)
@@ -130,14 +128,9 @@ class StreamLearner:
         g = self.graph
         result = BatchResult(self.version, len(events))
         n_users0, n_items0 = g.n_users, g.n_items
-        users = np.empty(len(events), dtype=np.int64)
-        items = np.empty(len(events), dtype=np.int64)
-        for k, ev in enumerate(events):
-            u, i = g.add_user(ev.user), g.add_item(ev.item)
-            g.add_interaction(u, i)
-            users[k], items[k] = u, i
-            key = u << 32 | i
-            result.edge_events[key] = g.edge_events[key]
+        users, items = g.add_users([ev.user for ev in events]), g.add_items([ev.item for ev in events])
+        g.add_interactions(users, items)
+        result.event_users, result.event_items = users, items
         result.new_users = g.users.external[n_users0:]
         result.new_items = g.items.external[n_items0:]
         self._init_new_nodes(n_users0, n_items0)
@@ -246,8 +239,7 @@ class StreamLearner:
             steps += 1
         with torch.no_grad():
             stored_levels = round_levels(levels, cfg.level_dtype)
-            degree = torch.tensor([len(g.user_items[u]) for u in local_u.tolist()]
-                                  + [len(g.item_users[i]) for i in local_i.tolist()])
+            degree = torch.from_numpy(np.concatenate([g.user_degrees(local_u), g.item_degrees(local_i)]))
             mix = neighbour_trust(degree, cfg.rau_alpha, cfg.rau_half_degree)
             new_codes = rau_codes(latent, aggregate, stored_levels, mix)
             for table, idx, sl in ((self.users, local_u, slice(0, n_u)), (self.items, local_i, slice(n_u, None))):

@@ -32,7 +32,7 @@ class PrequentialEvaluator:
     def score(self, learner: StreamLearner, events: list[Event]) -> None:
         if not events or self.sample <= 0:
             return
-        picked = [ev for ev in events if self.rng.random() < self.sample]
+        picked = [events[k] for k in np.flatnonzero(self.rng.random(len(events)) < self.sample).tolist()]
         if not picked:
             return
         learner.refresh_final_embeddings()

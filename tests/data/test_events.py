@@ -24,6 +24,8 @@ def test_valid_events(raw, expected):
     (b'{"user": 1, "item": 1, "ts": -1}', "bad_timestamp"),
     (b'{"user": 1, "item": 1, "ts": NaN}', "bad_timestamp"),
     (b'{"user": 1, "item": 1, "ts": Infinity}', "bad_timestamp"),
+    (b'{"user": 1, "item": 1, "ts": 1' + b"0" * 400 + b'}', "bad_timestamp"),
+    (b'{"user": 1, "item": 1, "ts": 3, "weight": 1' + b"0" * 400 + b'}', "bad_weight"),
     (b'{"user": 1, "item": 1, "ts": 3, "weight": -2}', "bad_weight"),
     (b'{"user": 1, "item": 1, "ts": 3, "weight": "x"}', "wrong_type"),
     (b'{"user": 1, "item": 1, "ts": 3, "event_id": {}}', "wrong_type"),

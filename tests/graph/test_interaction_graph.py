@@ -16,12 +16,24 @@ def test_normalized_adjacency_by_hand():
 
 def test_growable_graph_counts_events_and_edges():
     g = InteractionGraph()
-    u, i, j = g.add_user("alice"), g.add_item("x"), g.add_item("y")
-    assert g.add_interaction(u, i) is True
-    assert g.add_interaction(u, i) is False
-    assert g.add_interaction(u, j) is True
+    u = g.add_users(["alice"])
+    i, j = g.add_items(["x", "y"])
+    assert g.add_interactions(u, [i]) == 1
+    assert g.add_interactions(u, [i]) == 0
+    assert g.add_interactions(u, [j]) == 1
     assert (g.n_users, g.n_items, g.n_edges, g.n_events) == (1, 2, 2, 3)
-    assert g.add_user("alice") == u
+    assert g.add_users(["alice"]).tolist() == u.tolist()
     assert g.user_degrees().tolist() == [2] and g.item_degrees().tolist() == [1, 1]
+    assert g.item_degrees(np.array([1, 1, 0])).tolist() == [1, 1, 1]
     static = normalized_adjacency(1, 2, np.array([0, 0]), np.array([0, 1]))
     assert torch.equal(g.normalized_adjacency().to_dense(), static.to_dense())
+
+
+def test_a_batch_with_repeated_new_ids_and_edges():
+    g = InteractionGraph()
+    users = g.add_users(["a", "b", "a", "c", "b"])
+    assert users.tolist() == [0, 1, 0, 2, 1] and g.users.external == ["a", "b", "c"]
+    items = g.add_items(["x", "x", "x", "y", "x"])
+    assert g.add_interactions(users, items) == 3  # (a, x) twice, (b, x) twice, (c, y) once
+    assert g.edge_events == {0 << 32 | 0: 2, 1 << 32 | 0: 2, 2 << 32 | 1: 1} and g.n_events == 5
+    assert g.item_users[0] == [0, 1] and g.user_items[2] == [1] and len(g.item_users) == 2

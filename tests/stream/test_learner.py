@@ -55,7 +55,8 @@ def test_refinement_changes_only_the_touched_nodes_and_versions_it():
     result = learner.apply_micro_batch([Event("0", "2", 1.0), Event("0", "2", 2.0)])
     assert result.refine_steps == 2 and result.refine_seconds > 0
     assert learner.graph.n_edges == 4 and learner.graph.n_events == 5
-    assert result.edge_events == {0 << 32 | 2: 2}
+    assert result.event_users.tolist() == [0, 0] and result.event_items.tolist() == [2, 2]
+    assert learner.graph.edge_events[0 << 32 | 2] == 2
     assert 0 in result.changed_users.tolist() and 2 in result.changed_items.tolist()
     assert not torch.equal(learner.items.levels[2], before_levels[2])
     assert learner.users.version[0] == result.version == 1
