@@ -7,7 +7,7 @@ from gnaq_stream.config import LearnerConfig
 from gnaq_stream.data.events import Event
 from gnaq_stream.quant.quantizer import init_from_embedding
 from gnaq_stream.stream.learner import StreamLearner
-from gnaq_stream.stream.prequential import PrequentialEvaluator
+from gnaq_stream.stream.prequential import ITEM_BLOCK, PrequentialEvaluator, item_ranks
 
 CFG = LearnerConfig(dim=8, bits=2, level_dtype="fp32", refine_steps=2, refine_budget_seconds=60.0,
                     prequential_sample=1.0)
@@ -89,6 +89,26 @@ def test_prequential_scores_before_learning():
     m = pe.metrics()
     assert m["recall@20"] == pytest.approx(0.5)
     assert 0 < m["ndcg@20"] <= 0.5
+
+
+def test_item_ranks_match_a_masked_full_ranking():
+    gen = torch.Generator().manual_seed(0)
+    n_users, n_items, dim = 30, 3 * ITEM_BLOCK + 5, 8
+    # small integers: every score is exact, so ties are real and both sides must treat them alike
+    users = torch.randint(-3, 4, (n_users, dim), generator=gen).float()
+    items = torch.randint(-3, 4, (n_items, dim), generator=gen).float()
+    targets = torch.randint(0, n_items, (n_users,), generator=gen)
+    rows = torch.randint(0, n_users, (400,), generator=gen)
+    seen = torch.randint(0, n_items, (400,), generator=gen)
+    seen[:5], rows[:5] = targets[:5], torch.arange(5)  # repeats: a user's history holds its target
+    scores = users @ items.T
+    target_scores = scores.gather(1, targets[:, None])
+    scores[rows, seen] = float("-inf")
+    scores.scatter_(1, targets[:, None], target_scores)
+    expected = (scores > target_scores).sum(1)
+    keep = seen != targets[rows]
+    got = item_ranks(users, items.T.contiguous(), targets, rows[keep], seen[keep])
+    assert got.tolist() == expected.tolist()
 
 
 def _community_auc(learner: StreamLearner) -> float:
