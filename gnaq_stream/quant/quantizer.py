@@ -56,16 +56,25 @@ def rebin_codes(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def nearest_codes(target: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """For each (node, dim), the index of the node's level closest to target[node, dim]."""
+    """For each (node, dim), the index of the node's level closest to target[node, dim] (the lower
+    level on a tie)."""
     sorted_levels, order = levels.sort(dim=1)
     k = levels.shape[1]
-    right = torch.searchsorted(sorted_levels, target.contiguous()).clamp_(1, k - 1) if k > 1 else None
-    if right is None:
+    if k == 1:
         return torch.zeros_like(target, dtype=torch.uint8)
-    left = right - 1
-    d_left = (target - sorted_levels.gather(1, left)).abs()
-    d_right = (sorted_levels.gather(1, right) - target).abs()
-    pos = torch.where(d_right < d_left, right, left)
+    if k <= 16:
+        # count the midpoints between neighbouring levels below the target: for the level counts of
+        # 1-4 bits, several times faster than a per-row searchsorted
+        mids = (sorted_levels[:, 1:] + sorted_levels[:, :-1]) / 2
+        pos = torch.zeros_like(target, dtype=torch.int64)
+        for j in range(k - 1):
+            pos += target > mids[:, j:j + 1]
+    else:
+        right = torch.searchsorted(sorted_levels, target.contiguous()).clamp_(1, k - 1)
+        left = right - 1
+        d_left = (target - sorted_levels.gather(1, left)).abs()
+        d_right = (sorted_levels.gather(1, right) - target).abs()
+        pos = torch.where(d_right < d_left, right, left)
     return order.gather(1, pos).to(torch.uint8)
 
 
@@ -85,13 +94,19 @@ def rau_codes(latent: torch.Tensor, aggregate: torch.Tensor, levels: torch.Tenso
     (the collapse seen when codes are re-derived from the propagated embedding alone); `mix` (one
     weight per node in [0, 1]) says how far each node trusts its neighbours over itself.
     """
-    mu = latent.mean(dim=1, keepdim=True)
-    sd = latent.std(dim=1, keepdim=True)
-    agg_mu = aggregate.mean(dim=1, keepdim=True)
-    agg_sd = aggregate.std(dim=1, keepdim=True).clamp_min(1e-12)
+    mu, sd = _row_mean_std(latent)
+    agg_mu, agg_sd = _row_mean_std(aggregate)
+    agg_sd = agg_sd.clamp_min(1e-12)
     rescaled = (aggregate - agg_mu) / agg_sd * sd + mu
     target = latent + mix.unsqueeze(1) * (rescaled - latent)
     return nearest_codes(target, levels)
+
+
+def _row_mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row mean and (unbiased) standard deviation; torch.std over rows of 64 is ~9x slower on CPU."""
+    mean = x.mean(dim=1, keepdim=True)
+    var = (x - mean).square().sum(dim=1, keepdim=True) / max(x.shape[1] - 1, 1)
+    return mean, var.sqrt()
 
 
 def neighbour_trust(degree: torch.Tensor, alpha: float, half_degree: float) -> torch.Tensor:

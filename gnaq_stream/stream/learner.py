@@ -203,8 +203,9 @@ class StreamLearner:
         known = np.r_[local_u < n_users, local_i < len(self.context) - n_users]
         own = torch.cat([self.users.embeddings(local_u), self.items.embeddings(local_i)])
         context, aggregate = own * (self.cfg.n_layers / (self.cfg.n_layers + 1)), own.clone()
-        at, k = torch.from_numpy(rows[known]), torch.from_numpy(known)
-        context[k], aggregate[k] = self.context[at], self.aggregate[at]
+        at, pos = torch.from_numpy(rows[known]), torch.from_numpy(np.flatnonzero(known))
+        context.index_copy_(0, pos, self.context.index_select(0, at))  # index_select: ~4x faster than [at]
+        aggregate.index_copy_(0, pos, self.aggregate.index_select(0, at))
         return context, aggregate
 
     def _refine(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -218,9 +219,12 @@ class StreamLearner:
         local_i = np.unique(np.concatenate([items, negatives.ravel()]))
         n_u = len(local_u)
         context, aggregate = self._context_rows(local_u, local_i)
-        levels = torch.cat([self.users.levels[local_u], self.items.levels[local_i]]).requires_grad_()
-        latent = torch.cat([self.users.latent[local_u], self.items.latent[local_i]]).requires_grad_()
-        codes = torch.cat([self.users.codes[local_u], self.items.codes[local_i]])
+        rows_u, rows_i = torch.from_numpy(local_u), torch.from_numpy(local_i)
+        levels, latent, codes = (torch.cat([getattr(self.users, name).index_select(0, rows_u),
+                                            getattr(self.items, name).index_select(0, rows_i)])
+                                 for name in ("levels", "latent", "codes"))
+        levels.requires_grad_()
+        latent.requires_grad_()
         batch_u = torch.from_numpy(np.searchsorted(local_u, users))
         batch_i = torch.from_numpy(np.searchsorted(local_i, items))
         batch_n = torch.from_numpy(np.searchsorted(local_i, negatives))
@@ -242,8 +246,8 @@ class StreamLearner:
             degree = torch.from_numpy(np.concatenate([g.user_degrees(local_u), g.item_degrees(local_i)]))
             mix = neighbour_trust(degree, cfg.rau_alpha, cfg.rau_half_degree)
             new_codes = rau_codes(latent, aggregate, stored_levels, mix)
-            for table, idx, sl in ((self.users, local_u, slice(0, n_u)), (self.items, local_i, slice(n_u, None))):
-                table.levels[idx] = stored_levels[sl]
-                table.latent[idx] = latent.detach()[sl]
-                table.codes[idx] = new_codes[sl]
+            for table, rows, sl in ((self.users, rows_u, slice(0, n_u)), (self.items, rows_i, slice(n_u, None))):
+                table.levels.index_copy_(0, rows, stored_levels[sl])
+                table.latent.index_copy_(0, rows, latent.detach()[sl])
+                table.codes.index_copy_(0, rows, new_codes[sl])
         return local_u, local_i, steps

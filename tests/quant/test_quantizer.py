@@ -44,6 +44,15 @@ def test_nearest_codes_with_unsorted_levels():
     assert nearest_codes(target, levels).tolist() == [[0, 1, 2, 2]]  # 1.9 is nearer 1.0 than 3.0
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4, 5, 8])  # midpoint counting up to 16 levels, searchsorted above
+def test_nearest_codes_match_a_brute_force_argmin(bits):
+    gen = torch.Generator().manual_seed(bits)
+    levels = torch.randn(50, 1 << bits, generator=gen)
+    target = torch.randn(50, 32, generator=gen) * 2
+    distance = (target.unsqueeze(-1) - levels.unsqueeze(1)).abs()
+    assert nearest_codes(target, levels).long().tolist() == distance.argmin(-1).tolist()
+
+
 def test_rau_moves_codes_only_through_aggregation():
     levels = torch.tensor([[0.0, 1.0, 2.0, 3.0]] * 2)
     codes = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]], dtype=torch.uint8)

@@ -1,0 +1,155 @@
+"""Where a streaming event's time goes: the learner's stages, next to kafka-python's own cost.
+
+1. Starts a Kafka-protocol broker (as benchmarks/stream_throughput.py does), produces the dataset's
+   test-split events and measures the raw kafka-python consume rate (best of 3 passes): its inverse
+   is what fetching and decoding one record costs, the floor of any kafka-python consumer.
+2. Reads the same records into memory and feeds them, micro-batch by micro-batch, to the consumer's
+   own `_process` (no broker in the loop), timing each stage: validation and bookkeeping,
+   prequential scoring, adding the events to the graph, refinement, the store write.
+
+At 50% of the ceiling a learner has, per event, the decode cost once for decoding and once for
+everything else; the table shows how the rest compares with that budget.
+
+    python benchmarks/learner_breakdown.py --dataset gowalla --checkpoint runs/benchmarks/gowalla/0-gnaq-2
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import write_section  # noqa: E402
+from stream_throughput import events_of, produce, raw_ceiling, start_broker  # noqa: E402
+
+from gnaq_stream.config import ConsumerConfig, LearnerConfig  # noqa: E402
+from gnaq_stream.store.embedding_store import EmbeddingStore  # noqa: E402
+from gnaq_stream.stream.consumer import StreamConsumer  # noqa: E402
+from gnaq_stream.stream.learner import StreamLearner  # noqa: E402
+from gnaq_stream.stream.prequential import PrequentialEvaluator  # noqa: E402
+
+STAGES = {  # stage -> (class, method); apply_micro_batch's own share is apply minus refine
+    "prequential scoring": (PrequentialEvaluator, "score"),
+    "graph: add events, new nodes": (StreamLearner, "apply_micro_batch"),
+    "refinement": (StreamLearner, "_refine"),
+    "store write (one WriteBatch)": (EmbeddingStore, "write_batch"),
+}
+
+
+def read_all(bootstrap: str, topic: str, n: int) -> list:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+                             max_poll_records=5000)
+    tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    records: list = []
+    while len(records) < n:
+        for batch in consumer.poll(timeout_ms=500).values():
+            records.extend(batch)
+    consumer.close()
+    return records
+
+
+def timed_stages() -> Counter:
+    spent: Counter = Counter()
+    for label, (cls, name) in STAGES.items():
+        method = getattr(cls, name)
+
+        def wrapper(*args, _method=method, _label=label, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                spent[_label] += time.perf_counter() - start
+
+        setattr(cls, name, functools.wraps(method)(wrapper))
+    return spent
+
+
+class _NoCommit:
+    """Stands in for the Kafka consumer: this benchmark times the learner, not the commit."""
+
+    def commit(self, offsets) -> None:
+        pass
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="gowalla")
+    p.add_argument("--checkpoint", required=True, help="offline checkpoint trained on the dataset's train split")
+    p.add_argument("--events", type=int, default=200_000)
+    p.add_argument("--micro-batch-size", type=int, default=ConsumerConfig.micro_batch_size)
+    p.add_argument("--data-dir")
+    args = p.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="gnaq-breakdown-"))
+    broker, bootstrap = start_broker(work)
+    try:
+        values = events_of(args.dataset, args.data_dir, seed=7)[:args.events]
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        admin.create_topics([NewTopic("events", 1, 1)])
+        admin.close()
+        produce(bootstrap, "events", values)
+        ceiling = max(raw_ceiling(bootstrap, "events", len(values)) for _ in range(3))
+        records = read_all(bootstrap, "events", len(values))
+    finally:
+        broker.terminate()
+        broker.wait(30)
+
+    try:
+        consumer = StreamConsumer(ConsumerConfig(store=str(work / "store"), checkpoint=args.checkpoint),
+                                  LearnerConfig())
+        consumer.consumer = _NoCommit()
+        b = args.micro_batch_size
+        consumer._process(records[:b])  # warm-up: first propagation, numba and torch start-up
+        spent = timed_stages()
+        start = time.perf_counter()
+        for s in range(b, len(records), b):
+            consumer._process(records[s:s + b])
+        total = time.perf_counter() - start
+        consumer.store.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    n = len(records) - b
+    spent["graph: add events, new nodes"] -= spent["refinement"]
+    rows = {"kafka-python fetch and decode (1 / ceiling)": 1e6 / ceiling}
+    rows.update({label: spent[label] / n * 1e6 for label in STAGES})
+    rows["validation, offsets, metrics, the rest"] = (total - sum(spent.values())) / n * 1e6
+    learner = sum(rows.values()) - rows["kafka-python fetch and decode (1 / ceiling)"]
+    result = {"dataset": args.dataset, "events": n, "batch": b, "ceiling": ceiling, "rows": rows, "learner_us": learner}
+    print(result, flush=True)
+    write_section("learner_breakdown", report(result))
+
+
+def report(r: dict) -> str:
+    decode = 1e6 / r["ceiling"]
+    table = "\n".join(f"| {label} | {us:.2f} µs |" for label, us in r["rows"].items())
+    best = 1e6 / (decode + r["learner_us"])
+    return f"""## Where an event's time goes (`benchmarks/learner_breakdown.py`)
+
+{r['events']:,} {r['dataset']} test-split events in micro-batches of {r['batch']:,}, fed from memory to the
+consumer's own `_process` (each stage timed), next to the raw kafka-python consume ceiling
+({r['ceiling']:,.0f} events/s, best of 3 passes) on the same records.
+
+| stage | per event |
+|---|---|
+{table}
+| **learner, all stages** | **{r['learner_us']:.2f} µs** |
+
+Ceiling plus learner: at most {best:,.0f} events/s in one process, {best / r['ceiling']:.0%} of the ceiling.
+Reaching 50% of the ceiling needs the learner's stages to fit in {decode:.2f} µs per event (the
+decode cost itself): {r['learner_us'] / decode:.1f}x what they take.
+"""
+
+
+if __name__ == "__main__":
+    main()
