@@ -110,19 +110,16 @@ class InteractionGraph:
         """Record one event per (user, item) pair of internal indices; returns how many edges are new."""
         keys, counts = np.unique(np.asarray(users, dtype=np.int64) << 32 | np.asarray(items, dtype=np.int64),
                                  return_counts=True)
-        keys, counts = keys.tolist(), counts.tolist()
         edges = self.edge_events
-        before = list(map(edges.get, keys))
-        edges.update(zip(keys, [c if b is None else b + c for b, c in zip(before, counts)]))
-        new = 0
-        for key, b in zip(keys, before):
-            if b is None:
-                u, i = key >> 32, key & 0xFFFFFFFF
-                self.user_items[u].append(i)
-                self.item_users[i].append(u)
-                new += 1
+        before = list(map(edges.get, keys.tolist()))
+        edges.update(zip(keys.tolist(), [c if b is None else b + c for b, c in zip(before, counts.tolist())]))
+        fresh = keys[np.fromiter((b is None for b in before), dtype=bool, count=len(before))]
+        user_items, item_users = self.user_items, self.item_users
+        for u, i in zip((fresh >> 32).tolist(), (fresh & 0xFFFFFFFF).tolist()):
+            user_items[u].append(i)
+            item_users[i].append(u)
         self.n_events += len(users)
-        return new
+        return len(fresh)
 
     def user_degrees(self, users: np.ndarray | None = None) -> np.ndarray:
         """Distinct items of each user (all users, or these)."""

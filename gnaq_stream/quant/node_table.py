@@ -72,4 +72,6 @@ class NodeTable:
         return dequantize(self.levels.index_select(0, rows), self.codes.index_select(0, rows))
 
     def packed(self, idx: np.ndarray) -> np.ndarray:
-        return pack_rows(self.codes[idx].numpy(), self.levels[idx], self.bits, self.level_dtype)
+        rows = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+        return pack_rows(self.codes.index_select(0, rows).numpy(), self.levels.index_select(0, rows), self.bits,
+                         self.level_dtype)
