@@ -106,7 +106,8 @@ def sample(text: str, name: str, labels: str = "") -> float:
 
 
 def buckets(text: str, name: str) -> list[tuple[float, float]]:
-    return [(float(le), float(v)) for le, v in re.findall(rf'^{re.escape(name)}_bucket{{le="([^"]+)"}} (\S+)$', text, re.M)]
+    pattern = rf'^{re.escape(name)}_bucket{{le="([^"]+)"}} (\S+)$'
+    return [(float(le), float(v)) for le, v in re.findall(pattern, text, re.M)]
 
 
 def bucket_delta(before: str, after: str, name: str) -> list[tuple[float, float]]:
@@ -194,7 +195,8 @@ def main() -> None:
         store_bytes = sum(f.stat().st_size for f in (work / "store").rglob("*") if f.is_file())
         warm = [r for d, r in rss if d >= 0.25 * n]
         result = {"dataset": args.dataset, "checkpoint": args.checkpoint, "events": n, "ceiling": ceiling,
-                  "sustained": sustained, "early": early, "late": late, "ratio": sustained / ceiling, "fresh_rate": rate, "fresh_p50": p50,
+                  "sustained": sustained, "early": early, "late": late, "ratio": sustained / ceiling,
+                  "fresh_rate": rate, "fresh_p50": p50,
                   "fresh_p99": p99, "rss_warm_mb": warm[0] if warm else None, "rss_end_mb": rss[-1][1],
                   "store_mb": store_bytes / 2**20, "model_bytes": sample(after, "gnaq_model_bytes"),
                   "recall20": sample(after, "gnaq_stream_recall_at_k", '{k="20"}'),

@@ -1,9 +1,9 @@
 """The learner's on-disk state in RocksDB (rocksdict, raw bytes), written once per micro-batch.
 
 Resume contract: each micro-batch is one atomic WriteBatch holding the changed node rows, the id-map
-additions, the batch's events (one log record) and the next Kafka offset of every partition it consumed. After a
-crash the store is exactly the state after some micro-batch, and reading resumes from the offsets
-stored with it, so no event is lost or applied twice.
+additions, the batch's events (one log record) and the next Kafka offset of every partition it
+consumed. After a crash the store is exactly the state after some micro-batch, and reading resumes
+from the offsets stored with it, so no event is lost or applied twice.
 
 Keys (integers big-endian so keys sort by index):
     b"Mmodel"                      JSON: format, model_id, dim, bits, level_dtype, n_layers (written once)
@@ -158,7 +158,9 @@ class EmbeddingStore:
         if meta is None:
             raise StoreError(f"{self.path}: empty store")
         if meta.get("format") != STORE_FORMAT:
-            raise StoreError(f"{self.path}: unknown store format {meta.get('format')!r}")
+            raise StoreError(f"{self.path}: store format {meta.get('format')!r}, this version reads {STORE_FORMAT!r}; "
+                             "start a new store (from the checkpoint) under a new --group, so the topic is read "
+                             "into it from the start")
         cfg = LearnerConfig(**{**cfg.__dict__, **{k: meta[k] for k in ("dim", "bits", "level_dtype", "n_layers")}})
         state = self.state_meta()
         graph = InteractionGraph()

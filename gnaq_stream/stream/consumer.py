@@ -180,7 +180,7 @@ class StreamConsumer:
         limit = self.ccfg.max_message_bytes
         parsed = [parse_event(rec.value, limit) for rec in records]
         events: list[Event] = [p for p in parsed if type(p) is Event]
-        rejected = [] if len(events) == len(parsed) else [(r, p) for r, p in zip(records, parsed) if type(p) is Rejection]
+        rejected = [(r, p) for r, p in zip(records, parsed) if type(p) is Rejection]
         stamps = np.array([r.timestamp for r, p in zip(records, parsed) if type(p) is Event], dtype=np.float64) / 1000
         # a partition's records are pending in offset order, so its last one gives the next offset
         offsets = {(rec.topic, rec.partition): rec.offset + 1 for rec in records}

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -48,3 +50,12 @@ def test_inspect(tmp_path):
 def test_missing_store_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="no store here"):
         inspect_store(tmp_path / "nothing")
+
+
+def test_a_store_of_another_format_is_refused_clearly(tmp_path):
+    with EmbeddingStore(tmp_path) as store:
+        store.write_initial(StreamLearner(CFG))
+        meta = store.model_meta()
+        store.db.put(b"Mmodel", json.dumps({**meta, "format": "gnaq-stream-store/1"}).encode())
+    with EmbeddingStore(tmp_path) as store, pytest.raises(StoreError, match="store format 'gnaq-stream-store/1'"):
+        store.load_learner(LearnerConfig())
