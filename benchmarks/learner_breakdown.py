@@ -6,8 +6,7 @@
 2. Reads the same records into memory and feeds them, micro-batch by micro-batch, to the consumer's
    own `_process` (no broker in the loop), timing each stage: validation and bookkeeping,
    prequential scoring, adding the events to the graph, refinement, the store write, and the time
-   Python's cyclic GC takes within them. Twice, from fresh stores: as the consumer runs, and with
-   its gc.freeze() of the loaded state undone (what the freeze saves).
+   Python's cyclic GC takes within them.
 
 At 50% of the ceiling a learner has, per event, the decode cost once for decoding and once for
 everything else; the table shows how the rest compares with that budget.
@@ -106,13 +105,10 @@ class _NoCommit:
         pass
 
 
-def learner_stages(records: list, checkpoint: str, batch: int, store: Path, freeze_gc: bool) -> dict[str, float]:
+def learner_stages(records: list, checkpoint: str, batch: int, store: Path) -> dict[str, float]:
     """Microseconds per event of each stage, feeding `records` to a fresh consumer's `_process`."""
-    gc.collect()
     consumer = StreamConsumer(ConsumerConfig(store=str(store), checkpoint=checkpoint), LearnerConfig())
     consumer.consumer = _NoCommit()
-    if not freeze_gc:
-        gc.unfreeze()  # undo the consumer's own gc.freeze(), to see what it saves
     consumer._process(records[:batch])  # warm-up: first propagation, numba and torch start-up
     spent = timed_stages()
     collector = gc_timer()
@@ -155,32 +151,31 @@ def main() -> None:
         broker.terminate()
         broker.wait(30)
     try:
-        unfrozen = learner_stages(records, args.checkpoint, args.micro_batch_size, work / "store-a", False)
-        frozen = learner_stages(records, args.checkpoint, args.micro_batch_size, work / "store-b", True)
+        stages = learner_stages(records, args.checkpoint, args.micro_batch_size, work / "store")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {"dataset": args.dataset, "events": len(records) - args.micro_batch_size, "batch": args.micro_batch_size,
-              "ceiling": ceiling, "frozen": frozen, "unfrozen": unfrozen}
+              "ceiling": ceiling, "stages": stages}
     print(result, flush=True)
     write_section("learner_breakdown", report(result))
 
 
 def report(r: dict) -> str:
     decode = 1e6 / r["ceiling"]
-    table = "\n".join(f"| {label} | {r['frozen'][label]:.2f} µs | {r['unfrozen'][label]:.2f} µs |"
-                      for label in r["frozen"])
-    learner = r["frozen"]["learner, all stages"]
+    table = "\n".join(f"| {label} | {us:.2f} µs |" for label, us in r["stages"].items())
+    learner = r["stages"]["learner, all stages"]
     best = 1e6 / (decode + learner)
     return f"""## Where an event's time goes (`benchmarks/learner_breakdown.py`)
 
 {r['events']:,} {r['dataset']} test-split events in micro-batches of {r['batch']:,}, fed from memory to the
 consumer's own `_process` (each stage timed; the Kafka commit left out), next to the raw kafka-python
 consume ceiling on the same records: {r['ceiling']:,.0f} events/s (best of 3 passes), i.e.
-{decode:.2f} µs per event to fetch and decode. Two passes from fresh stores: as the consumer runs
-(its loaded state frozen out of Python's cyclic GC) and with that freeze undone.
+{decode:.2f} µs per event to fetch and decode. The records are read before the loop, so the GC work
+that kafka-python's allocations cause in the live consumer is not in this table (see the throughput
+benchmark's GC rows).
 
-| stage | per event | per event, GC freeze undone |
-|---|---|---|
+| stage | per event |
+|---|---|
 {table}
 
 Fetch-and-decode plus learner: at most {best:,.0f} events/s in one process, {best / r['ceiling']:.0%} of the

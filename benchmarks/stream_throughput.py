@@ -129,6 +129,53 @@ def rss_mb(pid: int) -> float:
     return int(m.group(1)) / 1024
 
 
+# the consumer with gc.freeze() made a no-op: what freezing the loaded model saves
+_NO_GC_FREEZE = "import gc, sys; gc.freeze = lambda: None; from gnaq_stream.cli import main; sys.exit(main())"
+
+
+def start_learner(work: Path, bootstrap: str, group: str, checkpoint: str | None, consume_args: str,
+                  gc_freeze: bool = True) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    launcher = ["gnaq-stream"] if gc_freeze else [sys.executable, "-c", _NO_GC_FREEZE]
+    cmd = [*launcher, "consume", "--bootstrap-servers", bootstrap, "--topic", "events", "--group", group,
+           "--store", str(work / f"store-{group}"), "--metrics-port", str(port), "--session-timeout-ms", "6000",
+           "--heartbeat-interval-ms", "2000", *consume_args.split()]
+    if checkpoint:
+        cmd += ["--checkpoint", checkpoint]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(work / f"learner-{group}.log", "wb")), port
+
+
+def follow_backlog(learner: subprocess.Popen, port: int, n: int,
+                   work: Path) -> tuple[float, float, float, float, list[tuple[float, float]]]:
+    """Watch the learner read the first n events: sustained events/s between 10% and 90% of them,
+    the rates over 10-50% and 50-90%, GC seconds between 10% and 90%, and (events, RSS MB) samples."""
+    marks, rss = {}, []
+    while True:
+        time.sleep(0.25)
+        if learner.poll() is not None:
+            raise SystemExit(f"learner exited: {[f.read_text()[-2000:] for f in work.glob('learner-*.log')]}")
+        try:
+            text = scrape(port)
+        except OSError:
+            continue
+        done, now = sample(text, "gnaq_events_consumed_total"), time.perf_counter()
+        rss.append((done, rss_mb(learner.pid)))
+        for frac in (0.1, 0.5, 0.9):
+            if frac not in marks and done >= frac * n:
+                marks[frac] = (now, done, sample(text, "gnaq_gc_seconds_total"))
+        if done >= n:
+            break
+    (t1, e1, g1), (tm, em, _), (t2, e2, g2) = marks[0.1], marks[0.5], marks[0.9]
+    # flat cost per event: the 50-90% rate ~ the 10-50% rate
+    return (e2 - e1) / (t2 - t1), (em - e1) / (tm - t1), (e2 - em) / (t2 - tm), g2 - g1, rss
+
+
+def stop(learner: subprocess.Popen) -> None:
+    if learner.poll() is None:
+        learner.send_signal(signal.SIGTERM)
+        learner.wait(60)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="gowalla")
@@ -139,6 +186,8 @@ def main() -> None:
                    "(default: half the measured sustained rate)")
     p.add_argument("--data-dir")
     p.add_argument("--consume-args", default="", help="extra flags for gnaq-stream consume")
+    p.add_argument("--compare-gc-freeze", action="store_true",
+                   help="afterwards, consume the same backlog with the consumer's gc.freeze() disabled")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="gnaq-bench-"))
@@ -154,33 +203,9 @@ def main() -> None:
         ceiling = max(raw_ceiling(bootstrap, "events", len(backlog)) for _ in range(3))  # the machine is noisy
         print(f"produced {len(backlog)} in {produce_s:.1f}s; raw consume ceiling {ceiling:,.0f}/s", flush=True)
 
-        port = free_port()
-        cmd = ["gnaq-stream", "consume", "--bootstrap-servers", bootstrap, "--topic", "events", "--group", "bench",
-               "--store", str(work / "store"), "--metrics-port", str(port), "--session-timeout-ms", "6000",
-               "--heartbeat-interval-ms", "2000", *args.consume_args.split()]
-        if args.checkpoint:
-            cmd += ["--checkpoint", args.checkpoint]
-        learner = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(work / "learner.log", "wb"))
+        learner, port = start_learner(work, bootstrap, "bench", args.checkpoint, args.consume_args)
         n = len(backlog)
-        marks, rss = {}, []
-        while True:
-            time.sleep(0.25)
-            if learner.poll() is not None:
-                raise SystemExit(f"learner exited: {(work / 'learner.log').read_text()[-2000:]}")
-            try:
-                done = sample(scrape(port), "gnaq_events_consumed_total")
-            except OSError:
-                continue
-            now = time.perf_counter()
-            rss.append((done, rss_mb(learner.pid)))
-            for frac in (0.1, 0.5, 0.9):
-                if frac not in marks and done >= frac * n:
-                    marks[frac] = (now, done)
-            if done >= n:
-                break
-        (t1, e1), (tm, em), (t2, e2) = marks[0.1], marks[0.5], marks[0.9]
-        sustained = (e2 - e1) / (t2 - t1)
-        early, late = (em - e1) / (tm - t1), (e2 - em) / (t2 - tm)  # flat cost per event: late ~ early
+        sustained, early, late, gc_s, rss = follow_backlog(learner, port, n, work)
         print(f"learner sustained {sustained:,.0f} events/s", flush=True)
 
         rate = args.fresh_rate or sustained / 2
@@ -192,7 +217,7 @@ def main() -> None:
         after = scrape(port)
         fresh_buckets = bucket_delta(before, after, "gnaq_freshness_seconds")  # the freshness phase alone
         p50, p99 = quantile(fresh_buckets, 0.5), quantile(fresh_buckets, 0.99)
-        store_bytes = sum(f.stat().st_size for f in (work / "store").rglob("*") if f.is_file())
+        store_bytes = sum(f.stat().st_size for f in (work / "store-bench").rglob("*") if f.is_file())
         warm = [r for d, r in rss if d >= 0.25 * n]
         result = {"dataset": args.dataset, "checkpoint": args.checkpoint, "events": n, "ceiling": ceiling,
                   "sustained": sustained, "early": early, "late": late, "ratio": sustained / ceiling,
@@ -200,13 +225,18 @@ def main() -> None:
                   "fresh_p99": p99, "rss_warm_mb": warm[0] if warm else None, "rss_end_mb": rss[-1][1],
                   "store_mb": store_bytes / 2**20, "model_bytes": sample(after, "gnaq_model_bytes"),
                   "recall20": sample(after, "gnaq_stream_recall_at_k", '{k="20"}'),
-                  "p50_batch_s": quantile(buckets(after, "gnaq_micro_batch_seconds"), 0.5)}
+                  "p50_batch_s": quantile(buckets(after, "gnaq_micro_batch_seconds"), 0.5), "gc_s": gc_s}
+        stop(learner)
+        if args.compare_gc_freeze:  # the same backlog again, into a learner whose gc.freeze() does nothing
+            learner, port = start_learner(work, bootstrap, "bench-no-freeze", args.checkpoint, args.consume_args,
+                                          gc_freeze=False)
+            result["no_freeze_sustained"], *_, result["no_freeze_gc_s"], _ = follow_backlog(learner, port, n, work)
+            stop(learner)
         print(json.dumps(result), flush=True)
         write_section("stream_throughput", report(result, args.consume_args))
     finally:
-        if learner is not None and learner.poll() is None:
-            learner.send_signal(signal.SIGTERM)
-            learner.wait(60)
+        if learner is not None:
+            stop(learner)
         broker.terminate()
         broker.wait(30)
         shutil.rmtree(work, ignore_errors=True)
@@ -232,7 +262,15 @@ events/s (histogram bucket upper bounds).
 | RSS after 25% of backlog / at the end | {r['rss_warm_mb']:.0f} MB / {r['rss_end_mb']:.0f} MB | flat |
 | store on disk | {r['store_mb']:.1f} MB (model rows {r['model_bytes'] / 2**20:.2f} MB) | |
 | prequential Recall@20 at the end | {r['recall20']:.4f} | |
-"""
+| time in Python's GC between 10% and 90% of the backlog | {r['gc_s']:.2f} s | |
+{gc_freeze_row(r)}"""
+
+
+def gc_freeze_row(r: dict) -> str:
+    if "no_freeze_sustained" not in r:
+        return ""
+    return (f"| the same backlog, consumer's `gc.freeze()` disabled: sustained / GC time | "
+            f"{r['no_freeze_sustained']:,.0f} events/s / {r['no_freeze_gc_s']:.2f} s | |\n")
 
 
 if __name__ == "__main__":

@@ -135,6 +135,7 @@ def cmd_consume(args: argparse.Namespace) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO lines drown ours
     consumer = StreamConsumer(config_from_args(ConsumerConfig, args), config_from_args(LearnerConfig, args))
+    consumer.metrics.time_gc()
     if args.metrics_port:
         consumer.metrics.serve(args.metrics_port, args.metrics_host)
     install_signal_handlers(consumer)

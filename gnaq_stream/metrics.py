@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -85,6 +87,20 @@ class LearnerMetrics:
                                       "Serving rows sent to the embedding-updates topic", registry=r)
         self.prequential_events = Gauge("gnaq_stream_prequential_events", "Events in the prequential window",
                                         registry=r)
+        self.gc_seconds = Counter("gnaq_gc_seconds_total", "Wall time in Python's cyclic garbage collector",
+                                  registry=r)
+
+    def time_gc(self) -> None:
+        """Count the time of every garbage collection in `gc_seconds` (gc.callbacks; once per process)."""
+        started = [0.0]
+
+        def callback(phase: str, _info: dict) -> None:
+            if phase == "start":
+                started[0] = time.perf_counter()
+            else:
+                self.gc_seconds.inc(time.perf_counter() - started[0])
+
+        gc.callbacks.append(callback)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         """Expose /metrics over HTTP (loopback unless told otherwise)."""

@@ -1,7 +1,9 @@
+import gc
+
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from gnaq_stream.metrics import BatchHistogram
+from gnaq_stream.metrics import BatchHistogram, LearnerMetrics
 
 BUCKETS = (0.005, 0.1, 1.0, 2.5)
 
@@ -20,3 +22,13 @@ def test_batch_histogram_exposes_what_per_value_observation_would():
     for v in values:
         reference.observe(v)
     assert _lines(batched) == _lines(single)
+
+
+def test_gc_time_is_counted():
+    metrics = LearnerMetrics()
+    metrics.time_gc()
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.pop()  # time_gc() registers for the life of a process; a test is not one
+    assert metrics.registry.get_sample_value("gnaq_gc_seconds_total") > 0

@@ -88,8 +88,9 @@ class StreamConsumer:
             if ccfg.checkpoint:
                 log.info("store %s already holds a model; resuming from it, not from %s", ccfg.store, ccfg.checkpoint)
             self.learner = self.store.load_learner(lcfg)
-        # the loaded graph (hundreds of thousands of lists and strings) lives as long as the process:
-        # without this every full collection rescans it, ~10% of the time per event (docs/benchmarks.md)
+        # the loaded model (hundreds of thousands of lists and strings) lives as long as the process;
+        # kafka-python's allocations trigger full collections that rescanned it every time: 0.87 s vs
+        # 0.06 s of GC per 160k events (benchmarks/stream_throughput.py --compare-gc-freeze)
         gc.freeze()
         self.prequential = PrequentialEvaluator(lcfg.prequential_window, lcfg.prequential_sample, lcfg.seed)
         self.consumer: KafkaConsumer | None = None
