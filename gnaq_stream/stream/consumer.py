@@ -89,8 +89,8 @@ class StreamConsumer:
                 log.info("store %s already holds a model; resuming from it, not from %s", ccfg.store, ccfg.checkpoint)
             self.learner = self.store.load_learner(lcfg)
         # the loaded model (hundreds of thousands of lists and strings) lives as long as the process;
-        # kafka-python's allocations trigger full collections that rescanned it every time: 0.87 s vs
-        # 0.06 s of GC per 160k events (benchmarks/stream_throughput.py --compare-gc-freeze)
+        # kafka-python's allocations trigger full collections that rescanned it every time: 0.89 s vs
+        # 0.07 s of GC per 160k events (benchmarks/stream_throughput.py --compare-gc-freeze)
         gc.freeze()
         self.prequential = PrequentialEvaluator(lcfg.prequential_window, lcfg.prequential_sample, lcfg.seed)
         self.consumer: KafkaConsumer | None = None

@@ -65,6 +65,17 @@ def test_refinement_changes_only_the_touched_nodes_and_versions_it():
             assert torch.equal(learner.items.levels[idx], before_levels[idx])
 
 
+@pytest.mark.parametrize("level_dtype", ["fp32", "fp8"])
+def test_exactly_the_rows_whose_stored_bytes_changed_are_reported(level_dtype):
+    learner = StreamLearner.from_checkpoint(_checkpoint(), LearnerConfig(**{**CFG.__dict__, "level_dtype": level_dtype}))
+    users, items = np.arange(learner.users.n), np.arange(learner.items.n)
+    before = learner.users.packed(users), learner.items.packed(items)
+    result = learner.apply_micro_batch([Event("0", "2", 1.0), Event("1", "0", 2.0)])
+    after = learner.users.packed(users), learner.items.packed(items)
+    assert result.changed_users.tolist() == np.flatnonzero((before[0] != after[0]).any(1)).tolist()
+    assert result.changed_items.tolist() == np.flatnonzero((before[1] != after[1]).any(1)).tolist()
+
+
 def test_refinement_raises_the_score_of_the_new_interaction():
     learner = StreamLearner.from_checkpoint(_checkpoint(), LearnerConfig(**{**CFG.__dict__, "refine_steps": 20,
                                                                                "refine_budget_seconds": 30.0,
