@@ -68,10 +68,14 @@ class NodeTable:
         """Dequantised layer-0 embeddings (all nodes when idx is None)."""
         if idx is None:
             return dequantize(self.levels[:self.n], self.codes[:self.n])
-        rows = torch.from_numpy(np.asarray(idx, dtype=np.int64))
-        return dequantize(self.levels.index_select(0, rows), self.codes.index_select(0, rows))
+        levels, codes = self._rows(idx)
+        return dequantize(levels, codes)
 
     def packed(self, idx: np.ndarray) -> np.ndarray:
+        levels, codes = self._rows(idx)
+        return pack_rows(codes.numpy(), levels, self.bits, self.level_dtype)
+
+    def _rows(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Levels and codes of these nodes; index_select is several times faster than [idx] on CPU."""
         rows = torch.from_numpy(np.asarray(idx, dtype=np.int64))
-        return pack_rows(self.codes.index_select(0, rows).numpy(), self.levels.index_select(0, rows), self.bits,
-                         self.level_dtype)
+        return self.levels.index_select(0, rows), self.codes.index_select(0, rows)

@@ -190,7 +190,7 @@ class StreamConsumer:
         self.prequential.score(self.learner, events)
         result = self.learner.apply_micro_batch(events)
         self.store.write_batch(self.learner, result, offsets)
-        self._publish_updates(np.unique(result.event_users))
+        self._publish_updates(result.event_users)
         self._commit(offsets)
         applied_at = time.time()
         self.consumed += len(records)
@@ -242,7 +242,7 @@ class StreamConsumer:
         if self.updates is None:
             return
         self.learner.refresh_final_embeddings(force=refresh and self.learner.final_version != self.learner.version)
-        users = np.arange(users) if isinstance(users, int) else users
+        users = np.arange(users) if isinstance(users, int) else np.unique(users)
         try:
             sent = _retry("publishing embedding updates", lambda: self.updates.publish(self.learner, users),
                           lambda: self.stop_requested)
