@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from gnaq_stream.errors import ConfigError
+from gnaq_stream.quant.quantizer import init_from_embedding
 
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
 LEVEL_DTYPES: dict[str, torch.dtype] = {
@@ -69,6 +70,12 @@ def pack_rows(codes: np.ndarray, levels: torch.Tensor, bits: int, level_dtype: s
     stored = levels.detach().to(check_level_dtype(level_dtype)).contiguous()
     level_raw = stored.view(torch.uint8).numpy().reshape(n, level_bytes(bits, level_dtype))  # little-endian hosts
     return np.concatenate([packed_codes, level_raw], axis=1)
+
+
+def quantize_rows(embeddings: torch.Tensor, bits: int, level_dtype: str) -> np.ndarray:
+    """Packed rows of float embeddings, quantized node-wise as GNAQ initialises a node (serving rows)."""
+    levels, codes = init_from_embedding(embeddings, bits)
+    return pack_rows(codes.numpy(), round_levels(levels, level_dtype), bits, level_dtype)
 
 
 def unpack_rows(rows: np.ndarray, dim: int, bits: int, level_dtype: str) -> tuple[np.ndarray, torch.Tensor]:

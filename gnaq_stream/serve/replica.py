@@ -15,7 +15,7 @@ from rocksdict import Options, Rdict
 from gnaq_stream.errors import GnaqError
 from gnaq_stream.quant.packing import row_bytes
 from gnaq_stream.serve.scoring import ItemIndex, PackedScorer
-from gnaq_stream.stream.updates import HistoryUpdate, RowUpdate, decode_meta, decode_update
+from gnaq_stream.updates_format import HistoryUpdate, RowUpdate, decode_meta, decode_update
 
 
 class UnknownUser(GnaqError):

@@ -23,19 +23,12 @@ import numba
 import numpy as np
 import torch
 
-from gnaq_stream.quant.packing import check_level_dtype, code_bytes, pack_rows, round_levels, row_bytes
-from gnaq_stream.quant.quantizer import init_from_embedding
+from gnaq_stream.quant.packing import check_level_dtype, code_bytes, row_bytes
 
 try:
     from gnaq_stream.serve import _fastscan
 except ImportError:  # built without a C compiler: the numba kernels serve
     _fastscan = None
-
-
-def quantize_rows(embeddings: torch.Tensor, bits: int, level_dtype: str) -> np.ndarray:
-    """Packed rows of float embeddings, quantized node-wise as GNAQ initialises a node."""
-    levels, codes = init_from_embedding(embeddings, bits)
-    return pack_rows(codes.numpy(), round_levels(levels, level_dtype), bits, level_dtype)
 
 
 def _level_lut(level_dtype: str) -> np.ndarray:

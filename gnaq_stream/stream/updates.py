@@ -1,118 +1,63 @@
-"""The embedding-updates topic: how one learner feeds any number of serving replicas.
-
-Records (key -> value; integers in keys big-endian so they sort, in values little-endian):
-    b"M"                  JSON {"format", "model_id", "dim", "bits", "level_dtype", "version", "n_users",
-                          "n_items"}: sent after each publication, so a replica knows which learner
-                          version it has completely received; a learner's first publication also
-                          starts with one (version -1), so a replica meeting a new model id starts
-                          over before that model's rows arrive
-    b"U" / b"I" + u32 idx + external id (UTF-8)
-                          u64 version | serving row (packed, gnaq_stream.quant.packing)
-    b"H" + u32 user idx   u64 version | u32 item indices of everything the user interacted with
-
-Serving rows are the final (propagated) embeddings quantized node-wise (gnaq_stream.serve.scoring).
-Every record is the whole current value for its key, so a compacted topic holds the full model and
-replaying records is idempotent: a replica keeps, per key, the record with the highest version.
-"""
+"""Publishing the learner's serving rows and histories to the embedding-updates topic (wire format:
+gnaq_stream.updates_format). Serving rows are the final (propagated) embeddings quantized node-wise."""
 
 from __future__ import annotations
 
-import json
-import struct
-from dataclasses import dataclass
+import logging
 
 import numpy as np
 from kafka import KafkaProducer
 
-from gnaq_stream.serve.scoring import quantize_rows
+from gnaq_stream.quant.packing import quantize_rows
 from gnaq_stream.stream.learner import StreamLearner
+from gnaq_stream.stream.sending import Record, send_all
+from gnaq_stream.updates_format import history_record, meta_record, row_record
 
-UPDATES_FORMAT = "gnaq-updates/1"
-_U32 = struct.Struct(">I")
-_VERSION = struct.Struct("<Q")
-
-
-@dataclass(frozen=True)
-class RowUpdate:
-    kind: str  # "user" or "item"
-    index: int
-    version: int
-    row: bytes
-    external_id: str
-
-
-@dataclass(frozen=True)
-class HistoryUpdate:
-    user: int
-    version: int
-    items: np.ndarray
-
-
-class UpdateFormatError(ValueError):
-    """A record on the updates topic that this version cannot decode."""
-
-
-def row_key(kind: str, index: int, external_id: str) -> bytes:
-    return (b"U" if kind == "user" else b"I") + _U32.pack(index) + external_id.encode()
-
-
-def decode_meta(value: bytes) -> dict:
-    meta = json.loads(value)
-    if meta.get("format") != UPDATES_FORMAT:
-        raise UpdateFormatError(f"unknown updates format {meta.get('format')!r}")
-    return meta
-
-
-def decode_update(key: bytes, value: bytes) -> RowUpdate | HistoryUpdate:
-    """A row or history record (the meta record is read with `decode_meta`)."""
-    kind = key[:1]
-    if kind not in (b"U", b"I", b"H") or len(key) < 5 or len(value) < _VERSION.size:
-        raise UpdateFormatError(f"not an update record: key {key[:16]!r}")
-    index = _U32.unpack(key[1:5])[0]
-    version = _VERSION.unpack_from(value)[0]
-    body = value[_VERSION.size:]
-    if kind == b"H":
-        if len(key) != 5 or len(body) % 4:
-            raise UpdateFormatError("history record with a malformed key or a partial item index")
-        return HistoryUpdate(index, version, np.frombuffer(body, dtype="<u4").astype(np.int64))
-    try:
-        external_id = key[5:].decode()
-    except UnicodeDecodeError:
-        raise UpdateFormatError(f"row record whose external id is not UTF-8: {key[:16]!r}") from None
-    return RowUpdate("user" if kind == b"U" else "item", index, version, body, external_id)
+log = logging.getLogger("gnaq_stream.updates")
+# a history record must fit Kafka's default 1 MB request: the most recent items of a heavier user
+MAX_HISTORY_ITEMS = 200_000
 
 
 class UpdatesPublisher:
-    """Publishes what changed since the last publication. What was sent is remembered only once the
-    producer has flushed it, so a failed publication is repeated in full by the next call."""
+    """Publishes what changed since the last publication. What was sent is remembered only once every
+    record was acknowledged, so a failed publication is repeated in full by the next call."""
 
-    def __init__(self, producer: KafkaProducer, topic: str, serve_bits: int):
+    def __init__(self, producer: KafkaProducer, topic: str, serve_bits: int, stale_keys: list[bytes] = ()):
         self.producer, self.topic, self.serve_bits = producer, topic, serve_bits
         self.sent = {"user": np.zeros((0, 0), dtype=np.uint8), "item": np.zeros((0, 0), dtype=np.uint8)}
         self.published_version = -1
+        self.stale_keys = list(stale_keys)  # another model's keys, deleted before this model's first record
+        self.histories_truncated = 0
 
     def publish(self, learner: StreamLearner, users: np.ndarray) -> int:
         """Histories of `users`, then, if the learner propagated since the last call, its changed
-        serving rows and the meta record; flushed. Returns how many rows were sent."""
-        if self.published_version < 0:  # first publication: announce the model before anything of it
-            self.producer.send(self.topic, key=b"M", value=json.dumps(self._meta(learner, -1)).encode())
-        version = _VERSION.pack(learner.version)
+        serving rows and the meta record; all acknowledged or a KafkaError. Returns rows sent."""
+        records: list[Record] = []
+        if self.published_version < 0:  # first publication: retire the old model, announce this one
+            records += [(self.topic, key, None, None) for key in self.stale_keys]
+            records.append((self.topic, *meta_record(self._meta(learner, -1)), None))
         for u in users.tolist():
-            items = np.asarray(learner.graph.user_items[u], dtype="<u4")
-            self.producer.send(self.topic, key=b"H" + _U32.pack(u), value=version + items.tobytes())
+            items = learner.graph.user_items[u]
+            if len(items) > MAX_HISTORY_ITEMS:
+                items = items[-MAX_HISTORY_ITEMS:]
+                self.histories_truncated += 1
+            records.append((self.topic, *history_record(u, learner.version, items), None))
         fresh, count = {}, 0
         if learner.final_version != self.published_version:
-            fresh, count = self._send_rows(learner)
-        self.producer.flush(timeout=30)
+            fresh, rows = self._rows(learner)
+            records += rows
+            count = len(rows) - 1
+        send_all(self.producer, records)
+        self.stale_keys = []
         if fresh:
             self.sent.update(fresh)
             self.published_version = learner.final_version
         return count
 
-    def _send_rows(self, learner: StreamLearner) -> tuple[dict[str, np.ndarray], int]:
+    def _rows(self, learner: StreamLearner) -> tuple[dict[str, np.ndarray], list[Record]]:
+        """Changed serving rows of both kinds, then the meta record that completes them."""
         cfg, g = learner.cfg, learner.graph
-        version = _VERSION.pack(learner.final_version)
-        fresh, count = {}, 0
+        fresh, records = {}, []
         for kind, final, ids in (("user", learner.final_users, g.users.external),
                                  ("item", learner.final_items, g.items.external)):
             rows = quantize_rows(final, self.serve_bits, cfg.level_dtype)
@@ -122,15 +67,13 @@ class UpdatesPublisher:
                 common = min(len(before), len(rows))
                 changed[:common] = (before[:common] != rows[:common]).any(axis=1)
             for idx in np.flatnonzero(changed).tolist():
-                self.producer.send(self.topic, key=row_key(kind, idx, ids[idx]), value=version + rows[idx].tobytes())
+                records.append((self.topic, *row_record(kind, idx, ids[idx], learner.final_version,
+                                                        rows[idx].tobytes()), None))
             fresh[kind] = rows
-            count += int(changed.sum())
-        meta = self._meta(learner, learner.final_version)
-        self.producer.send(self.topic, key=b"M", value=json.dumps(meta).encode())
-        return fresh, count
+        records.append((self.topic, *meta_record(self._meta(learner, learner.final_version)), None))
+        return fresh, records
 
     def _meta(self, learner: StreamLearner, version: int) -> dict:
         cfg = learner.cfg
-        return {"format": UPDATES_FORMAT, "model_id": learner.model_id, "dim": cfg.dim, "bits": self.serve_bits,
-                "level_dtype": cfg.level_dtype, "version": version, "n_users": len(learner.final_users),
-                "n_items": len(learner.final_items)}
+        return {"model_id": learner.model_id, "dim": cfg.dim, "bits": self.serve_bits, "level_dtype": cfg.level_dtype,
+                "version": version, "n_users": len(learner.final_users), "n_items": len(learner.final_items)}

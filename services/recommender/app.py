@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gnaq_stream.config import ServeConfig
 from gnaq_stream.metrics import ServeMetrics
 from gnaq_stream.serve.replica import NotReady, Replica, UnknownUser
-from gnaq_stream.stream.updates import UpdateFormatError
+from gnaq_stream.updates_format import UpdateFormatError
 
 log = logging.getLogger("gnaq_stream.serve")
 MAX_USER_ID_BYTES = 256

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from gnaq_stream.config import LearnerConfig
-from gnaq_stream.serve.scoring import ItemIndex, quantize_rows
+from gnaq_stream.quant.packing import quantize_rows
+from gnaq_stream.serve.scoring import ItemIndex
 from gnaq_stream.store.embedding_store import EmbeddingStore, inspect_store
 
 from .conftest import GROUP_CONSUMER_KWARGS, create_topic, free_port, produce, wait_until

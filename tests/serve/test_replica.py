@@ -7,19 +7,28 @@ from gnaq_stream.config import LearnerConfig
 from gnaq_stream.data.events import Event
 from gnaq_stream.serve.replica import NotReady, Replica, UnknownUser
 from gnaq_stream.stream.learner import StreamLearner
-from gnaq_stream.stream.updates import UpdateFormatError, UpdatesPublisher, decode_meta
+from gnaq_stream.stream.updates import UpdatesPublisher
+from gnaq_stream.updates_format import UpdateFormatError, decode_meta
 
 CFG = LearnerConfig(dim=8, bits=2, level_dtype="fp8", refine_steps=1, refine_budget_seconds=60.0)
 
 
+class _Sent:
+    is_done, exception = True, None
+
+    def failed(self):
+        return False
+
+
 class RecordingProducer:
-    """In-memory stand-in for KafkaProducer: keeps what was sent, in order."""
+    """In-memory stand-in for KafkaProducer: keeps what was sent, in order; every send succeeds."""
 
     def __init__(self):
         self.records: list[tuple[bytes, bytes]] = []
 
-    def send(self, topic, key, value):
+    def send(self, topic, key, value, headers=None):
         self.records.append((key, value))
+        return _Sent()
 
     def flush(self, timeout=None):
         pass

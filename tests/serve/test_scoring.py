@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from gnaq_stream.quant.packing import SUPPORTED_BITS, unpack_rows
+from gnaq_stream.quant.packing import SUPPORTED_BITS, quantize_rows, unpack_rows
 from gnaq_stream.quant.quantizer import dequantize, init_from_embedding
-from gnaq_stream.serve.scoring import ItemIndex, PackedScorer, compiled_kernel_serves, quantize_rows, top_k
+from gnaq_stream.serve.scoring import ItemIndex, PackedScorer, compiled_kernel_serves, top_k
 
 
 @pytest.mark.parametrize("level_dtype", ["fp8", "fp16", "fp32"])

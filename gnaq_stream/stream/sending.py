@@ -1,0 +1,26 @@
+"""Producing with checked results: `flush()` returns when sends complete *or fail*, so a send is done
+only once its future says it succeeded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from kafka import KafkaProducer
+from kafka.errors import KafkaError, KafkaTimeoutError
+
+Record = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]] | None]  # topic, key, value, headers
+
+
+def send_all(producer: KafkaProducer, records: Iterable[Record], timeout: float = 30.0) -> int:
+    """Send and flush `records`; raises the first failure (a KafkaError) unless every one was acknowledged.
+    Returns how many were sent."""
+    futures = [producer.send(topic, key=key, value=value, headers=headers or None)
+               for topic, key, value, headers in records]
+    producer.flush(timeout=timeout)
+    for future in futures:
+        if not future.is_done:
+            raise KafkaTimeoutError(f"send not acknowledged within {timeout:.0f}s")
+        if future.failed():
+            exc = future.exception
+            raise exc if isinstance(exc, KafkaError) else KafkaError(repr(exc))
+    return len(futures)
