@@ -134,10 +134,21 @@ class ConsumerConfig:
     session_timeout_ms: int = 10000
     heartbeat_interval_ms: int = 3000
     fetch_max_bytes: int = 8 * 1024 * 1024
+    start_offset: str = "earliest"  # where a partition the store has never read starts: earliest or latest
+    max_nodes: int = 10_000_000  # per kind: events that would add more users (items) go to the DLQ; 0 = no limit
+    exclusive_wait_seconds: float = 30.0  # for ownership of every partition before giving up (another learner)
+    metadata_max_age_ms: int = 30000  # how soon partitions added to the topic are noticed
+    replication_factor: int = 1  # of the topics the learner creates (dead-letter, updates)
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1 or self.max_wait_seconds <= 0 or self.max_message_bytes < 64:
             raise ConfigError("micro_batch_size >= 1, max_wait_seconds > 0, max_message_bytes >= 64 required")
+        if self.start_offset not in ("earliest", "latest"):
+            raise ConfigError(f"start_offset must be earliest or latest, got {self.start_offset!r}")
+        if self.max_nodes < 0 or self.exclusive_wait_seconds <= 0 or self.metadata_max_age_ms < 100 \
+                or self.replication_factor < 1:
+            raise ConfigError("max_nodes >= 0, exclusive_wait_seconds > 0, metadata_max_age_ms >= 100 and "
+                              "replication_factor >= 1 required")
 
 
 @dataclass(frozen=True)

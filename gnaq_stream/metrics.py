@@ -89,6 +89,18 @@ class LearnerMetrics:
                                         registry=r)
         self.gc_seconds = Counter("gnaq_gc_seconds_total", "Wall time in Python's cyclic garbage collector",
                                   registry=r)
+        self.events_skipped = Counter("gnaq_events_skipped_total", "Offsets that could not be read: deleted before "
+                                      "they were read (retention), or the topic was re-created", ["partition"],
+                                      registry=r)
+        self.publish_failures = Counter("gnaq_publish_failures_total", "Failed sends to the dead-letter or updates "
+                                        "topic (nothing of that batch was stored or counted as published)", ["topic"],
+                                        registry=r)
+        for topic in ("dlq", "updates"):
+            self.publish_failures.labels(topic)
+        self.dlq_truncated = Counter("gnaq_dlq_truncated_total", "Dead-letter copies cut to fit a Kafka request "
+                                     "(the original stays at its source offset)", registry=r)
+        self.owns_all_partitions = Gauge("gnaq_owns_all_partitions", "1 while this learner owns every partition "
+                                         "of its topic (it applies nothing otherwise)", registry=r)
 
     def time_gc(self) -> None:
         """Count the time of every garbage collection in `gc_seconds` (gc.callbacks; once per process)."""

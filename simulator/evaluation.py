@@ -53,7 +53,7 @@ def model_embeddings(model: StoredModel) -> Embeddings:
 def store_embeddings(store: str | Path) -> Embeddings:
     """Final embeddings of the streaming learner, from a read-only snapshot of its store."""
     with EmbeddingStore(store, read_only=True) as s:
-        learner = s.load_learner(LearnerConfig())
+        learner = StreamLearner.from_state(s.load(LearnerConfig()))
     return learner_embeddings(learner)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,6 @@ from gnaq_stream.errors import GnaqError
 from gnaq_stream.graph.interaction_graph import InteractionGraph
 from gnaq_stream.quant.node_table import NodeTable
 from gnaq_stream.quant.packing import code_bytes, level_bytes, row_bytes
-from gnaq_stream.stream.learner import BatchResult, StreamLearner
 
 STORE_FORMAT = "gnaq-stream-store/2"
 _U32 = struct.Struct(">I")
@@ -41,6 +41,43 @@ _SEQ = struct.Struct(">Q")
 
 class StoreError(GnaqError):
     """The store cannot be opened or does not match the model."""
+
+
+@dataclass
+class NodeRows:
+    """Changed rows of one node kind: indices, the model version that last changed each, packed rows."""
+
+    index: np.ndarray
+    version: np.ndarray
+    packed: np.ndarray  # (len(index), row bytes) uint8
+
+
+@dataclass
+class ChangeSet:
+    """Everything one micro-batch (or consolidation slice) changed: written as one atomic WriteBatch."""
+
+    state: dict  # version, n_users, n_items, n_edges, n_events after the change
+    model: dict | None = None  # the model's shape and id: written only into an empty store
+    new_users: list[str] = field(default_factory=list)
+    first_user: int = 0  # internal index of new_users[0]
+    new_items: list[str] = field(default_factory=list)
+    first_item: int = 0
+    users: NodeRows | None = None
+    items: NodeRows | None = None
+    events: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.uint32))  # (user, item) pairs
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to read per partition
+
+
+@dataclass
+class StoredState:
+    """What a store holds, ready to build a learner from."""
+
+    cfg: LearnerConfig
+    graph: InteractionGraph
+    users: NodeTable
+    items: NodeTable
+    version: int
+    model_id: str | None
 
 
 def decode_row(value: bytes) -> tuple[int, bytes]:
@@ -104,56 +141,42 @@ class EmbeddingStore:
 
     # ---- writing --------------------------------------------------------------------------------
 
-    def write_initial(self, learner: StreamLearner) -> None:
-        """Write a freshly started learner (e.g. from a checkpoint) in full, with no offsets."""
-        g = learner.graph
-        users, items = g.edge_arrays()
-        counts = np.fromiter(g.edge_events.values(), dtype=np.int64, count=g.n_edges)
-        result = BatchResult(learner.version, 0, new_users=list(g.users.external), new_items=list(g.items.external),
-                             event_users=np.repeat(users, counts), event_items=np.repeat(items, counts),
-                             changed_users=np.arange(g.n_users), changed_items=np.arange(g.n_items))
-        self.write_batch(learner, result, {}, first_user=0, first_item=0)
-
-    def write_batch(self, learner: StreamLearner, result: BatchResult, offsets: dict[tuple[str, int], int],
-                    first_user: int | None = None, first_item: int | None = None) -> None:
-        """One atomic WriteBatch: changed rows, new ids, the batch's events, offsets, counters."""
-        g, cfg = learner.graph, learner.cfg
+    def write(self, change: ChangeSet) -> None:
+        """One atomic WriteBatch: changed rows, new ids, the batch's events, offsets, counters. A full
+        disk or any other write failure raises StoreError and leaves the store as it was."""
         wb = WriteBatch(raw_mode=True)
-        if self.is_empty():
-            wb.put(b"Mmodel", json.dumps({"format": STORE_FORMAT, "model_id": learner.model_id, "dim": cfg.dim,
-                                          "bits": cfg.bits, "level_dtype": cfg.level_dtype,
-                                          "n_layers": cfg.n_layers}).encode())
-        first_user = g.n_users - len(result.new_users) if first_user is None else first_user
-        first_item = g.n_items - len(result.new_items) if first_item is None else first_item
-        for kind, first, names in ((b"u", first_user, result.new_users), (b"i", first_item, result.new_items)):
+        if change.model is not None and self.is_empty():
+            wb.put(b"Mmodel", json.dumps({"format": STORE_FORMAT, **change.model}).encode())
+        for kind, first, names in ((b"u", change.first_user, change.new_users),
+                                   (b"i", change.first_item, change.new_items)):
             for k, ext in enumerate(names):
                 idx = _U32.pack(first + k)
                 wb.put(kind + idx, ext.encode())
                 wb.put(b"N" + kind + ext.encode(), idx)
-        for prefix, table, idx in ((b"U", learner.users, result.changed_users),
-                                   (b"I", learner.items, result.changed_items)):
-            if len(idx):
+        for prefix, rows in ((b"U", change.users), (b"I", change.items)):
+            if rows is not None and len(rows.index):
                 # keys and values built as arrays: a batch can change tens of thousands of rows
-                keys = np.empty((len(idx), 5), dtype=np.uint8)
+                keys = np.empty((len(rows.index), 5), dtype=np.uint8)
                 keys[:, 0] = prefix[0]
-                keys[:, 1:] = idx.astype(">u4").view(np.uint8).reshape(-1, 4)
-                values = np.concatenate([table.version[idx].astype("<u8").view(np.uint8).reshape(-1, 8),
-                                         table.packed(idx)], axis=1)
+                keys[:, 1:] = rows.index.astype(">u4").view(np.uint8).reshape(-1, 4)
+                values = np.concatenate([rows.version.astype("<u8").view(np.uint8).reshape(-1, 8), rows.packed],
+                                        axis=1)
                 for key, value in zip(keys, values):
                     wb.put(key.tobytes(), value.tobytes())
-        if len(result.event_users):
-            pairs = np.stack([result.event_users, result.event_items], axis=1).astype("<u4")
-            wb.put(b"E" + _SEQ.pack(result.version), pairs.tobytes())
-        for (topic, part), offset in offsets.items():
+        if len(change.events):
+            wb.put(b"E" + _SEQ.pack(change.state["version"]), np.ascontiguousarray(change.events, dtype="<u4").tobytes())
+        for (topic, part), offset in change.offsets.items():
             wb.put(offset_key(topic, part), _OFFSET.pack(offset))
-        wb.put(b"Mstate", json.dumps({"version": learner.version, "n_users": g.n_users, "n_items": g.n_items,
-                                      "n_edges": g.n_edges, "n_events": g.n_events}).encode())
-        self.db.write(wb)
+        wb.put(b"Mstate", json.dumps(change.state).encode())
+        try:
+            self.db.write(wb)
+        except Exception as exc:  # rocksdict raises plain Exceptions (e.g. "No space left on device")
+            raise StoreError(f"{self.path}: write failed ({exc}); nothing of this batch was stored") from None
 
     # ---- reading --------------------------------------------------------------------------------
 
-    def load_learner(self, cfg: LearnerConfig) -> StreamLearner:
-        """Rebuild the learner's in-memory state from the store (latent = dequantised embedding)."""
+    def load(self, cfg: LearnerConfig) -> StoredState:
+        """The learner's state as stored (cfg's model shape replaced by the store's)."""
         meta = self.model_meta()
         if meta is None:
             raise StoreError(f"{self.path}: empty store")
@@ -189,8 +212,7 @@ class EmbeddingStore:
                 raise StoreError(f"{self.path}: {seen} rows for {n} {prefix.decode()} nodes")
             table.load_rows(rows, versions)
             tables.append(table)
-        return StreamLearner(cfg, graph, tables[0], tables[1], version=state["version"],
-                             model_id=meta.get("model_id"))
+        return StoredState(cfg, graph, tables[0], tables[1], state["version"], meta.get("model_id"))
 
 
 def inspect_store(path: str | Path) -> dict:

@@ -30,6 +30,7 @@ from gnaq_stream.model.lightgcn import propagate
 from gnaq_stream.quant.node_table import NodeTable
 from gnaq_stream.quant.packing import round_levels
 from gnaq_stream.quant.quantizer import dequantize, neighbour_trust, rau_codes
+from gnaq_stream.store.embedding_store import ChangeSet, NodeRows, StoredState
 from gnaq_stream.stream.consolidation import Consolidator
 from gnaq_stream.train.trainer import ranking_loss
 
@@ -95,6 +96,38 @@ class StreamLearner:
             learner.users.load(model.codes[:nu], model.levels[:nu], np.zeros(nu, dtype=np.int64))
             learner.items.load(model.codes[nu:], model.levels[nu:], np.zeros(model.n_items, dtype=np.int64))
         return learner
+
+    @classmethod
+    def from_state(cls, state: StoredState) -> "StreamLearner":
+        """Resume from what a store holds (EmbeddingStore.load)."""
+        return cls(state.cfg, state.graph, state.users, state.items, state.version, state.model_id)
+
+    # ---- what the store writes ------------------------------------------------------------------
+
+    def changes(self, result: BatchResult, offsets: dict[tuple[str, int], int]) -> ChangeSet:
+        """The store's change set for one applied batch (or consolidation slice) and its offsets."""
+        g, cfg = self.graph, self.cfg
+        rows = [NodeRows(idx, table.version[idx], table.packed(idx))
+                for table, idx in ((self.users, result.changed_users), (self.items, result.changed_items))]
+        return ChangeSet(
+            state={"version": self.version, "n_users": g.n_users, "n_items": g.n_items, "n_edges": g.n_edges,
+                   "n_events": g.n_events},
+            model={"model_id": self.model_id, "dim": cfg.dim, "bits": cfg.bits, "level_dtype": cfg.level_dtype,
+                   "n_layers": cfg.n_layers},
+            new_users=result.new_users, first_user=g.n_users - len(result.new_users),
+            new_items=result.new_items, first_item=g.n_items - len(result.new_items),
+            users=rows[0], items=rows[1],
+            events=np.stack([result.event_users, result.event_items], axis=1).astype(np.uint32), offsets=offsets)
+
+    def initial_changes(self) -> ChangeSet:
+        """The whole current state as one change set: a freshly started learner (e.g. from a checkpoint)."""
+        g = self.graph
+        users, items = g.edge_arrays()
+        counts = np.fromiter(g.edge_events.values(), dtype=np.int64, count=g.n_edges)
+        result = BatchResult(self.version, 0, new_users=list(g.users.external), new_items=list(g.items.external),
+                             event_users=np.repeat(users, counts), event_items=np.repeat(items, counts),
+                             changed_users=np.arange(g.n_users), changed_items=np.arange(g.n_items))
+        return self.changes(result, {})
 
     # ---- evaluation support -------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import pytest
 from gnaq_stream.config import ConsumerConfig, LearnerConfig
 from gnaq_stream.data.events import REJECTION_REASONS
 from gnaq_stream.store.embedding_store import EmbeddingStore, inspect_store
+from gnaq_stream.stream.learner import StreamLearner
 from gnaq_stream.stream.consumer import StreamConsumer
 
 from .conftest import GROUP_CONSUMER_KWARGS, consume_all, create_topic, free_port, produce, wait_until
@@ -44,7 +45,7 @@ def consume_cmd(bootstrap: str, topic: str, store: Path, *extra: str) -> list[st
 
 def stored_edge_events(store: Path) -> dict[tuple[str, str], int]:
     with EmbeddingStore(store, read_only=True) as s:
-        learner = s.load_learner(LearnerConfig())
+        learner = StreamLearner.from_state(s.load(LearnerConfig()))
     g = learner.graph
     return {(g.users.external[k >> 32], g.items.external[k & 0xFFFFFFFF]): c for k, c in g.edge_events.items()}
 

@@ -19,12 +19,12 @@ def _stream(learner, n, start=0):
 def test_write_and_reload_round_trip(tmp_path):
     learner = StreamLearner(CFG)
     with EmbeddingStore(tmp_path / "s") as store:
-        store.write_initial(learner)
+        store.write(learner.initial_changes())
         for b in range(3):
             result = learner.apply_micro_batch(_stream(learner, 10, 10 * b))
-            store.write_batch(learner, result, {("t", 0): 10 * (b + 1), ("t", 1): 5})
+            store.write(learner.changes(result, {("t", 0): 10 * (b + 1), ("t", 1): 5}))
     with EmbeddingStore(tmp_path / "s") as store:
-        back = store.load_learner(LearnerConfig())
+        back = StreamLearner.from_state(store.load(LearnerConfig()))
         assert store.offsets() == {("t", 0): 30, ("t", 1): 5}
     assert back.cfg.dim == 16 and back.version == 3
     assert back.graph.users.external == learner.graph.users.external
@@ -38,8 +38,8 @@ def test_write_and_reload_round_trip(tmp_path):
 def test_inspect(tmp_path):
     learner = StreamLearner(CFG)
     with EmbeddingStore(tmp_path) as store:
-        store.write_initial(learner)
-        store.write_batch(learner, learner.apply_micro_batch(_stream(learner, 20)), {("ev", 0): 20})
+        store.write(learner.initial_changes())
+        store.write(learner.changes(learner.apply_micro_batch(_stream(learner, 20)), {("ev", 0): 20}))
         info = inspect_store(tmp_path)  # read-only snapshot beside the open writer
     assert (info["users"], info["items"], info["events"]) == (7, 11, 20)
     assert info["bytes_codes"] == 18 * 4 and info["bytes_levels"] == 18 * 4
@@ -54,8 +54,8 @@ def test_missing_store_is_a_clear_error(tmp_path):
 
 def test_a_store_of_another_format_is_refused_clearly(tmp_path):
     with EmbeddingStore(tmp_path) as store:
-        store.write_initial(StreamLearner(CFG))
+        store.write(StreamLearner(CFG).initial_changes())
         meta = store.model_meta()
         store.db.put(b"Mmodel", json.dumps({**meta, "format": "gnaq-stream-store/1"}).encode())
     with EmbeddingStore(tmp_path) as store, pytest.raises(StoreError, match="store format 'gnaq-stream-store/1'"):
-        store.load_learner(LearnerConfig())
+        store.load(LearnerConfig())

@@ -1,0 +1,209 @@
+"""The micro-batch pipeline: validate -> dead-letter -> score -> apply -> store -> publish, with its
+metrics. It knows records, not Kafka's loop: `gnaq_stream.stream.consumer` feeds it polled records,
+tests and benchmarks feed it directly.
+
+Order is what makes a crash safe: the bad messages reach the dead-letter topic (every send
+acknowledged) before anything of the batch is applied, and the batch is stored with its offsets in
+one WriteBatch before they are committed. A failure before the store write raises and leaves model,
+store and offsets as they were, so the same records can be processed again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+from kafka import KafkaProducer
+
+from gnaq_stream.config import LearnerConfig
+from gnaq_stream.data.events import Event, Rejection, parse_event
+from gnaq_stream.metrics import LearnerMetrics
+from gnaq_stream.quant.packing import model_size
+from gnaq_stream.store.embedding_store import EmbeddingStore
+from gnaq_stream.stream.learner import BatchResult, StreamLearner
+from gnaq_stream.stream.prequential import KS, PrequentialEvaluator
+from gnaq_stream.stream.sending import send_all
+from gnaq_stream.stream.updates import UpdatesPublisher
+
+log = logging.getLogger("gnaq_stream.pipeline")
+# a dead-letter copy must fit one Kafka request (1 MiB by default) whatever the original's size
+DLQ_MAX_VALUE_BYTES = 512 * 1024
+DLQ_MAX_KEY_BYTES = 1024
+
+
+class Record(Protocol):
+    """What the pipeline reads of a consumed message (kafka-python's ConsumerRecord has it)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int  # ms
+    key: bytes | None
+    value: bytes | None
+
+
+def _too_large(rec: Record, limit: int) -> Rejection | None:
+    if rec.key is not None and len(rec.key) > limit:
+        return Rejection("too_large", f"key of {len(rec.key)} bytes, limit {limit}")
+    return None
+
+
+class MicroBatchPipeline:
+    def __init__(self, learner: StreamLearner, store: EmbeddingStore, metrics: LearnerMetrics | None = None,
+                 max_message_bytes: int = 4096, max_nodes: int = 0):
+        self.learner, self.store = learner, store
+        self.metrics = metrics or LearnerMetrics()
+        self.max_message_bytes, self.max_nodes = max_message_bytes, max_nodes
+        cfg = learner.cfg
+        self.prequential = PrequentialEvaluator(cfg.prequential_window, cfg.prequential_sample, cfg.seed)
+        self.budget = 0.0  # consolidation seconds earned by micro-batches, spent while idle
+        self.consolidated_steps = 0
+        self.producer: KafkaProducer | None = None
+        self.dlq_topic = ""
+        self.updates: UpdatesPublisher | None = None
+        self.pending_users = np.zeros(0, dtype=np.int64)  # users whose history is not yet published
+        self.update_model_metrics()
+
+    def connect(self, producer: KafkaProducer, dlq_topic: str, updates: UpdatesPublisher | None = None) -> None:
+        """Where dead letters and serving rows go (any object with KafkaProducer's send/flush)."""
+        self.producer, self.dlq_topic, self.updates = producer, dlq_topic, updates
+
+    # ---- one micro-batch ------------------------------------------------------------------------
+
+    def process(self, records: Sequence[Record]) -> dict[tuple[str, int], int]:
+        """Apply and store one micro-batch; returns the next offset of every partition it read, to be
+        committed. Raises a KafkaError (dead letters not acknowledged) or StoreError (write failed)
+        with nothing applied or stored."""
+        start = time.perf_counter()
+        m, limit = self.metrics, self.max_message_bytes
+        parsed = [_too_large(rec, limit) or parse_event(rec.value, limit) for rec in records]
+        if self.max_nodes:
+            self._refuse_beyond_node_limit(parsed)
+        events: list[Event] = [p for p in parsed if type(p) is Event]
+        rejected = [(r, p) for r, p in zip(records, parsed) if type(p) is Rejection]
+        stamps = np.array([r.timestamp for r, p in zip(records, parsed) if type(p) is Event], dtype=np.float64) / 1000
+        # a partition's records come in offset order, so its last one gives the next offset
+        offsets = {(rec.topic, rec.partition): rec.offset + 1 for rec in records}
+        if rejected:
+            self._dead_letter(rejected)
+        self.prequential.score(self.learner, events)
+        result = self.learner.apply_micro_batch(events)
+        self.store.write(self.learner.changes(result, offsets))
+        if self.updates is not None:
+            self.pending_users = np.union1d(self.pending_users, result.event_users)
+        applied_at = time.time()
+        m.events_consumed.inc(len(records))
+        m.events_applied.inc(len(events))
+        for _, rej in rejected:
+            m.events_rejected.labels(rej.reason).inc()
+        m.freshness_seconds.observe(np.maximum(applied_at - stamps, 0.0))
+        m.refine_seconds.observe(result.refine_seconds)
+        elapsed = time.perf_counter() - start
+        m.micro_batch_seconds.observe(elapsed)
+        self.budget += self.learner.cfg.consolidate_ratio * elapsed
+        self.update_model_metrics()
+        return offsets
+
+    def _refuse_beyond_node_limit(self, parsed: list) -> None:
+        """Events that would grow a node kind past `max_nodes` become `node_limit` rejections."""
+        g = self.learner.graph
+        if max(g.n_users, g.n_items) + len(parsed) <= self.max_nodes:
+            return  # cannot reach the limit in this batch
+        for kind, ids, attr in (("user", g.users, 0), ("item", g.items, 1)):
+            fresh: set[str] = set()
+            for k, p in enumerate(parsed):
+                if type(p) is not Event or ids.get(p[attr]) is not None or p[attr] in fresh:
+                    continue
+                if len(ids) + len(fresh) >= self.max_nodes:
+                    parsed[k] = Rejection("node_limit", f"{kind} {p[attr][:64]!r} would exceed --max-nodes "
+                                                        f"{self.max_nodes} {kind}s")
+                else:
+                    fresh.add(p[attr])
+
+    def _dead_letter(self, rejected: list[tuple[Record, Rejection]]) -> None:
+        records = []
+        for rec, rej in rejected:
+            key, value = rec.key, rec.value or b""
+            headers = [("reason", rej.reason.encode()), ("detail", rej.detail.encode()),
+                       ("source", f"{rec.topic}:{rec.partition}:{rec.offset}".encode())]
+            if len(value) > DLQ_MAX_VALUE_BYTES or (key is not None and len(key) > DLQ_MAX_KEY_BYTES):
+                headers += [("truncated", b"true"), ("value_bytes", str(len(value)).encode()),
+                            ("key_bytes", str(len(key or b"")).encode())]
+                key, value = key and key[:DLQ_MAX_KEY_BYTES], value[:DLQ_MAX_VALUE_BYTES]
+                self.metrics.dlq_truncated.inc()
+            records.append((self.dlq_topic, key, value, headers))
+        try:
+            send_all(self.producer, records)
+        except Exception:
+            self.metrics.publish_failures.labels("dlq").inc()
+            raise
+
+    # ---- serving rows ---------------------------------------------------------------------------
+
+    def publish(self, refresh: bool = False, everyone: bool = False) -> None:
+        """Publish the histories of the users touched since the last publication (`everyone`: all
+        users) and, when the learner propagated since, its changed serving rows; propagation is every
+        `refresh_seconds` at most, or now with `refresh`. Raises a KafkaError if any send failed:
+        nothing is then counted as published, and the next call repeats it."""
+        if self.updates is None:
+            return
+        learner = self.learner
+        learner.refresh_final_embeddings(force=refresh and learner.final_version != learner.version)
+        users = np.arange(learner.graph.n_users) if everyone else self.pending_users
+        try:
+            sent = self.updates.publish(learner, users)
+        except Exception:
+            self.metrics.publish_failures.labels("updates").inc()
+            raise
+        self.pending_users = np.zeros(0, dtype=np.int64)
+        self.metrics.rows_published.inc(sent)
+
+    @property
+    def publication_behind(self) -> bool:
+        """The replicas have not received the model's latest version."""
+        return self.updates is not None and (self.learner.final_version != self.learner.version
+                                             or self.updates.published_version != self.learner.final_version)
+
+    # ---- idle-time consolidation ----------------------------------------------------------------
+
+    def can_consolidate(self, idle_seconds: float) -> bool:
+        return (idle_seconds >= self.learner.cfg.consolidate_after_idle_seconds and self.budget > 0
+                and self.learner.graph.n_edges > 0)  # no budget accrues at ratio 0
+
+    def consolidate(self) -> BatchResult:
+        """One slice of full-graph training, stored like a micro-batch (offsets unchanged)."""
+        start = time.perf_counter()
+        learner = self.learner
+        result, steps = learner.consolidate(min(self.budget, learner.cfg.consolidate_slice_seconds))
+        self.store.write(learner.changes(result, {}))
+        spent = time.perf_counter() - start
+        self.budget = max(self.budget - spent, 0.0)
+        self.consolidated_steps += steps
+        self.metrics.consolidate_seconds.inc(spent)
+        self.update_model_metrics()
+        if self.budget == 0.0:
+            log.info("consolidated: %d full-graph steps; model version %d", self.consolidated_steps, learner.version)
+            self.consolidated_steps = 0
+        return result
+
+    def update_model_metrics(self) -> None:
+        m, learner, g = self.metrics, self.learner, self.learner.graph
+        cfg: LearnerConfig = learner.cfg
+        size = model_size(g.n_users + g.n_items, cfg.dim, cfg.bits, cfg.level_dtype)
+        m.nodes.labels("user").set(g.n_users)
+        m.nodes.labels("item").set(g.n_items)
+        m.edges.set(g.n_edges)
+        m.model_bytes.set(size.bytes_model)
+        m.fp32_bytes.set(size.bytes_fp32)
+        m.compression.set(size.compression if size.bytes_model else 0)
+        m.consolidate_budget.set(self.budget)  # before the version: a reader seeing the version sees it too
+        m.model_version.set(learner.version)
+        acc = self.prequential.metrics()
+        for k in KS:
+            if acc:
+                m.recall.labels(str(k)).set(acc[f"recall@{k}"])
+                m.ndcg.labels(str(k)).set(acc[f"ndcg@{k}"])
+        m.prequential_events.set(len(self.prequential.ranks))
