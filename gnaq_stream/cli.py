@@ -66,11 +66,13 @@ def add_config_flags(p: argparse.ArgumentParser, cls: type, required: tuple[str,
                       choices: dict[str, list[str]] | None = None, helps: dict[str, str] | None = None) -> None:
     """One flag per dataclass field; defaults from GNAQ_<FIELD> environment variables."""
     env = env_defaults(cls)
+    described = {**getattr(cls, "HELP", {}), **(helps or {})}
     for f in fields(cls):
         default = env.get(f.name, f.default)
+        text = described.get(f.name, "")
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=default,
                        required=f.name in required and f.name not in env, choices=(choices or {}).get(f.name),
-                       help=(helps or {}).get(f.name))
+                       help=f"{text} (default: %(default)r; env GNAQ_{f.name.upper()})".lstrip())
 
 
 def _report(result: dict, as_json: bool) -> None:

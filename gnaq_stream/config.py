@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 from gnaq_stream.errors import ConfigError
 from gnaq_stream.model.gnaq import method_spec
@@ -98,6 +99,33 @@ class LearnerConfig:
     serve_bits: int = 0  # bits of the published serving rows; 0 = the model's bits
     seed: int = 2025
 
+    HELP: ClassVar[dict[str, str]] = {
+        "dim": "embedding dimension of a model started empty (a checkpoint or store sets its own)",
+        "bits": "bits per code of a model started empty",
+        "level_dtype": "storage dtype of quantization levels (fp32, fp16, fp8) of a model started empty",
+        "n_layers": "LightGCN propagation layers of a model started empty",
+        "refine_steps": "optimiser steps on each micro-batch's touched nodes (0 = no refinement)",
+        "refine_max_events": "events of a micro-batch that refinement trains on (a random sample above this)",
+        "refine_lr": "refinement step size",
+        "refine_budget_seconds": "wall-time cap of one micro-batch's refinement (after its first step)",
+        "neighbour_samples": "neighbours averaged (1 and 2 hops) to initialise a new node",
+        "n_negatives": "sampled negative items per positive in refinement",
+        "lambda_weight": "weight of LambdaLoss next to BPR",
+        "reg": "L2 regularisation of the touched embeddings",
+        "rau_alpha": "RAU neighbour mix of the code update, in [0, 1]",
+        "rau_half_degree": "degree at which the neighbour mix is halved (0 = the same for every node)",
+        "consolidate_ratio": "idle-time full-graph training, in seconds per second of micro-batch work (0 = off)",
+        "consolidate_lr": "learning rate of consolidation",
+        "consolidate_batch": "training pairs per consolidation step",
+        "consolidate_slice_seconds": "consolidation runs in slices this long; a message waits at most one slice",
+        "consolidate_after_idle_seconds": "consolidate only after this long without a message",
+        "prequential_sample": "share of events scored before they are learned (the accuracy gauges)",
+        "prequential_window": "scored events the accuracy gauges average over",
+        "refresh_seconds": "full-graph propagation (and serving-row publication) at most this often",
+        "serve_bits": "bits of the published serving rows (0 = the model's bits)",
+        "seed": "random seed of sampling and initialisation",
+    }
+
     def __post_init__(self) -> None:
         check_bits(self.bits)
         check_level_dtype(self.level_dtype)
@@ -140,6 +168,33 @@ class ConsumerConfig:
     metadata_max_age_ms: int = 30000  # how soon partitions added to the topic are noticed
     replication_factor: int = 1  # of the topics the learner creates (dead-letter, updates)
 
+    HELP: ClassVar[dict[str, str]] = {
+        "bootstrap_servers": "Kafka brokers, host:port[,host:port...]",
+        "topic": "topic of interaction events",
+        "group": "consumer group (one learner per group and topic; a second is refused)",
+        "store": "RocksDB directory of the model, graph and offsets (created if missing)",
+        "checkpoint": "offline checkpoint to start from when the store is empty",
+        "dlq_topic": "dead-letter topic for messages that fail validation (empty: <topic>-dlq; created if missing)",
+        "updates_topic": "topic of serving rows for replicas (empty = none; created compacted with one partition)",
+        "metrics_port": "port of the Prometheus /metrics page (0 = none)",
+        "metrics_host": "address the metrics page binds to",
+        "micro_batch_size": "messages per micro-batch at most",
+        "max_wait_seconds": "a micro-batch is processed at the latest this long after its first message",
+        "max_message_bytes": "larger messages (or keys) go to the dead-letter topic as too_large",
+        "max_events": "stop after this many messages (0 = run until stopped)",
+        "idle_exit": "stop after this many seconds without a message, counted once all partitions are owned "
+                     "(0 = never)",
+        "session_timeout_ms": "Kafka group session timeout",
+        "heartbeat_interval_ms": "Kafka group heartbeat interval",
+        "fetch_max_bytes": "bytes fetched per request at most (bounds memory)",
+        "start_offset": "where a partition the store has never read starts: earliest or latest (logged)",
+        "max_nodes": "users (and items) at most; events that would add more go to the dead-letter topic as "
+                     "node_limit (0 = no limit)",
+        "exclusive_wait_seconds": "how long to wait to own every partition before giving up (another learner)",
+        "metadata_max_age_ms": "topic metadata refresh: how soon added partitions are read",
+        "replication_factor": "replication factor of the topics the learner creates",
+    }
+
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1 or self.max_wait_seconds <= 0 or self.max_message_bytes < 64:
             raise ConfigError("micro_batch_size >= 1, max_wait_seconds > 0, max_message_bytes >= 64 required")
@@ -164,6 +219,17 @@ class ServeConfig:
     port: int = 8080
     max_k: int = 1000
     session_timeout_seconds: float = 10.0
+
+    HELP: ClassVar[dict[str, str]] = {
+        "bootstrap_servers": "Kafka brokers, host:port[,host:port...]",
+        "updates_topic": "the learner's --updates-topic",
+        "store": "RocksDB directory of this replica's copy of the model (serves at once after a restart)",
+        "group": "consumer group of this replica; each replica needs its own (empty: gnaq-serve-<hostname>-<port>)",
+        "host": "HTTP address to bind",
+        "port": "HTTP port",
+        "max_k": "largest k a request may ask for",
+        "session_timeout_seconds": "Kafka group session timeout",
+    }
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536 or self.max_k < 1 or self.session_timeout_seconds <= 0:

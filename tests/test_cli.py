@@ -83,3 +83,15 @@ def test_corrupt_checkpoint_via_cli(fp_run, tmp_path, data_dir):
     (tmp_path / "model.safetensors").write_bytes(b"broken")
     proc = run_cli("evaluate", "--checkpoint", str(tmp_path), "--dataset", "ml-100k", data_dir=data_dir)
     assert proc.returncode == 2 and "unreadable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["consume", "serve"])
+def test_every_flag_says_what_it_does_and_its_default(command):
+    from gnaq_stream.cli import build_parser
+
+    sub = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == command)[1]
+    flags = [a for a in sub._actions if a.option_strings and a.dest not in ("help", "log_level")]
+    assert len(flags) > 5
+    for action in flags:
+        assert action.help and not action.help.startswith("(default"), f"{action.option_strings[0]} has no description"
+        assert "(default: " in action.help and f"env GNAQ_{action.dest.upper()}" in action.help
