@@ -4,7 +4,7 @@
    test-split events and measures the raw kafka-python consume rate (best of 3 passes): its inverse
    is what fetching and decoding one record costs, the floor of any kafka-python consumer.
 2. Reads the same records into memory and feeds them, micro-batch by micro-batch, to the consumer's
-   own `_process` (no broker in the loop), timing each stage: validation and bookkeeping,
+   micro-batch pipeline (`MicroBatchPipeline.process`, no broker in the loop), timing each stage: validation and bookkeeping,
    prequential scoring, adding the events to the graph, refinement, the store write, and the time
    Python's cyclic GC takes within them.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import shutil
 import sys
 import tempfile
@@ -32,17 +33,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_section  # noqa: E402
 from stream_throughput import events_of, produce, raw_ceiling, start_broker  # noqa: E402
 
-from gnaq_stream.config import ConsumerConfig, LearnerConfig  # noqa: E402
+from gnaq_stream.checkpoint import load_checkpoint  # noqa: E402
+from gnaq_stream.config import LearnerConfig  # noqa: E402
 from gnaq_stream.store.embedding_store import EmbeddingStore  # noqa: E402
-from gnaq_stream.stream.consumer import StreamConsumer  # noqa: E402
 from gnaq_stream.stream.learner import StreamLearner  # noqa: E402
+from gnaq_stream.stream.pipeline import MicroBatchPipeline  # noqa: E402
 from gnaq_stream.stream.prequential import PrequentialEvaluator  # noqa: E402
 
 STAGES = {  # stage -> (class, method); apply_micro_batch's own share is apply minus refine
     "prequential scoring": (PrequentialEvaluator, "score"),
     "graph: add events, new nodes": (StreamLearner, "apply_micro_batch"),
     "refinement": (StreamLearner, "_refine"),
-    "store write (one WriteBatch)": (EmbeddingStore, "write_batch"),
+    "store write (one WriteBatch)": (EmbeddingStore, "write"),
 }
 
 
@@ -82,30 +84,26 @@ def untimed_stages() -> None:
         setattr(cls, name, getattr(cls, name).__wrapped__)
 
 
-class _NoCommit:
-    """Stands in for the Kafka consumer: this benchmark times the learner, not the commit."""
-
-    def commit(self, offsets) -> None:
-        pass
-
-
 def learner_stages(records: list, checkpoint: str, batch: int, store: Path) -> dict[str, float]:
-    """Microseconds per event of each stage, feeding `records` to a fresh consumer's `_process`."""
-    consumer = StreamConsumer(ConsumerConfig(store=str(store), checkpoint=checkpoint), LearnerConfig())
-    consumer.consumer = _NoCommit()
-    consumer._process(records[:batch])  # warm-up: first propagation, numba and torch start-up
-    consumer.metrics.time_gc()  # as `gnaq-stream consume` does
+    """Microseconds per event of each stage, feeding `records` to a fresh pipeline (as the consumer does)."""
+    db = EmbeddingStore(store)
+    learner = StreamLearner.from_checkpoint(load_checkpoint(checkpoint), LearnerConfig())
+    db.write(learner.initial_changes())
+    gc.freeze()  # as the consumer does once its model is loaded
+    pipeline = MicroBatchPipeline(learner, db)
+    pipeline.process(records[:batch])  # warm-up: first propagation, numba and torch start-up
+    pipeline.metrics.time_gc()  # as `gnaq-stream consume` does
 
     def gc_seconds() -> float:
-        return consumer.metrics.registry.get_sample_value("gnaq_gc_seconds_total")
+        return pipeline.metrics.registry.get_sample_value("gnaq_gc_seconds_total")
 
     spent = timed_stages()
     gc_before, start = gc_seconds(), time.perf_counter()
     for s in range(batch, len(records), batch):
-        consumer._process(records[s:s + batch])
+        pipeline.process(records[s:s + batch])
     total, gc_spent = time.perf_counter() - start, gc_seconds() - gc_before
     untimed_stages()
-    consumer.store.close()
+    db.close()
     n = len(records) - batch
     spent["graph: add events, new nodes"] -= spent["refinement"]
     rows = {label: spent[label] / n * 1e6 for label in STAGES}
@@ -155,7 +153,7 @@ def report(r: dict) -> str:
     return f"""## Where an event's time goes (`benchmarks/learner_breakdown.py`)
 
 {r['events']:,} {r['dataset']} test-split events in micro-batches of {r['batch']:,}, fed from memory to the
-consumer's own `_process` (each stage timed; the Kafka commit left out), next to the raw kafka-python
+consumer's own micro-batch pipeline (each stage timed; the Kafka commit left out), next to the raw kafka-python
 consume ceiling on the same records: {r['ceiling']:,.0f} events/s (best of 3 passes), i.e.
 {decode:.2f} µs per event to fetch and decode. The records are read before the loop, so the GC work
 that kafka-python's allocations cause in the live consumer is not in this table (see the throughput

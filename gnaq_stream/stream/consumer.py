@@ -165,7 +165,7 @@ class StreamConsumer:
             session_timeout_ms=c.session_timeout_ms, heartbeat_interval_ms=c.heartbeat_interval_ms,
             max_poll_interval_ms=300000, **common), self._stopping)
         self.producer = _retry("connecting producer", lambda: KafkaProducer(
-            acks="all", linger_ms=5, batch_size=256 * 1024, max_block_ms=10000, **common), self._stopping)
+            acks="all", linger_ms=5, batch_size=256 * 1024, max_block_ms=5000, **common), self._stopping)
         _retry("checking topics", lambda: self._ensure_topics(common), self._stopping)
         updates = None
         if c.updates_topic:
@@ -428,7 +428,9 @@ class StreamConsumer:
 
     def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
         try:
-            self.consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
+            # bounded: a commit is only a monitoring copy, and a stop request must not wait on it
+            self.consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()},
+                                 timeout_ms=5000)
         except KafkaError as exc:  # the store holds the offsets; Kafka's copy catches up next batch
             log.warning("offset commit failed (%r); offsets are safe in the store", exc)
 

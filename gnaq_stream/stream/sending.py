@@ -11,11 +11,13 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 Record = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]] | None]  # topic, key, value, headers
 
 
-def send_all(producer: KafkaProducer, records: Iterable[Record], timeout: float = 30.0) -> int:
+def send_all(producer: KafkaProducer, records: Iterable[Record]) -> int:
     """Send and flush `records`; raises the first failure (a KafkaError) unless every one was acknowledged.
     Returns how many were sent."""
     futures = [producer.send(topic, key=key, value=value, headers=headers or None)
                for topic, key, value, headers in records]
+    # bounded, so a stop request is honoured while the broker is away, with time for a big publication
+    timeout = 5.0 + len(futures) / 20_000
     producer.flush(timeout=timeout)
     for future in futures:
         if not future.is_done:
