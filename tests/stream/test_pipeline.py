@@ -1,0 +1,139 @@
+"""The micro-batch pipeline driven directly (no broker): dead letters, limits, failures that must
+leave model, store and offsets untouched, and the sole-owner group assignment."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from kafka.errors import KafkaTimeoutError
+
+from gnaq_stream.config import LearnerConfig
+from gnaq_stream.store.embedding_store import EmbeddingStore, StoreError
+from gnaq_stream.stream.consumer import SoleOwnerAssignor
+from gnaq_stream.stream.learner import StreamLearner
+from gnaq_stream.stream.pipeline import DLQ_MAX_VALUE_BYTES, MicroBatchPipeline
+
+CFG = LearnerConfig(dim=8, bits=2, refine_steps=1, prequential_sample=0.0)
+
+
+class _Future:
+    def __init__(self, exception=None):
+        self.is_done, self.exception = True, exception
+
+    def failed(self):
+        return self.exception is not None
+
+
+class Producer:
+    """KafkaProducer double: keeps what was sent; every send fails while `failing`."""
+
+    def __init__(self):
+        self.sent, self.failing = [], False
+
+    def send(self, topic, key=None, value=None, headers=None):
+        if self.failing:
+            return _Future(KafkaTimeoutError("broker away"))
+        self.sent.append((topic, key, value, dict(headers or [])))
+        return _Future()
+
+    def flush(self, timeout=None):
+        pass
+
+
+def record(offset, value, key=None, partition=0):
+    return SimpleNamespace(topic="t", partition=partition, offset=offset, timestamp=0, key=key, value=value)
+
+
+def event(user, item, ts=1):
+    return json.dumps({"user": user, "item": item, "ts": ts}).encode()
+
+
+@pytest.fixture
+def pipeline(tmp_path):
+    store = EmbeddingStore(tmp_path / "store")
+    learner = StreamLearner(CFG)
+    store.write(learner.initial_changes())
+    pipe = MicroBatchPipeline(learner, store, max_message_bytes=256, max_nodes=3)
+    producer = Producer()
+    pipe.connect(producer, "t-dlq")
+    yield pipe, producer, store
+    store.close()
+
+
+def applied(pipe):
+    return pipe.metrics.registry.get_sample_value("gnaq_events_applied_total")
+
+
+def test_events_past_the_node_limit_go_to_the_dead_letter_topic(pipeline):
+    pipe, producer, store = pipeline
+    offsets = pipe.process([record(k, event(f"u{k}", "i0")) for k in range(5)])
+    assert offsets == {("t", 0): 5} and store.offsets() == {("t", 0): 5}
+    assert pipe.learner.graph.n_users == 3 and applied(pipe) == 3
+    assert [h["reason"] for _, _, _, h in producer.sent] == [b"node_limit", b"node_limit"]
+    # known users keep learning at the limit
+    pipe.process([record(5, event("u0", "i1"))])
+    assert applied(pipe) == 4 and pipe.learner.graph.n_events == 4
+
+
+def test_a_huge_key_is_too_large_and_an_oversized_copy_is_cut_to_fit(pipeline):
+    pipe, producer, _ = pipeline
+    huge_value = b"x" * (DLQ_MAX_VALUE_BYTES + 10)
+    pipe.process([record(0, event("u0", "i0"), key=b"k" * 5000), record(1, huge_value), record(2, event("u1", "i0"))])
+    (_, key0, _, h0), (_, _, value1, h1) = producer.sent
+    assert h0["reason"] == b"too_large" and b"key of 5000 bytes" in h0["detail"]
+    assert len(key0) == 1024 and h0["key_bytes"] == b"5000" and h0["truncated"] == b"true"
+    assert h1["reason"] == b"too_large" and len(value1) == DLQ_MAX_VALUE_BYTES
+    assert h1["value_bytes"] == str(len(huge_value)).encode() and h1["source"] == b"t:0:1"
+    assert pipe.metrics.registry.get_sample_value("gnaq_dlq_truncated_total") == 2
+    assert applied(pipe) == 1
+
+
+def test_a_failed_dead_letter_send_applies_and_stores_nothing(pipeline):
+    pipe, producer, store = pipeline
+    pipe.process([record(0, event("u0", "i0"))])
+    version, state = pipe.learner.version, store.state_meta()
+    producer.failing = True
+    batch = [record(1, event("u1", "i1")), record(2, b"{not json")]
+    with pytest.raises(KafkaTimeoutError):
+        pipe.process(batch)
+    assert pipe.learner.version == version and store.state_meta() == state and store.offsets() == {("t", 0): 1}
+    assert pipe.metrics.registry.get_sample_value("gnaq_publish_failures_total", {"topic": "dlq"}) == 1
+    producer.failing = False  # the same records again, once the topic takes them: applied once
+    assert pipe.process(batch) == {("t", 0): 3}
+    assert pipe.learner.graph.n_events == 2 and store.state_meta()["n_events"] == 2
+
+
+def test_a_failed_store_write_is_a_clear_error_and_stores_nothing(pipeline):
+    pipe, _, store = pipeline
+
+    class FullDisk:
+        def write(self, batch):
+            raise OSError("IO error: No space left on device")
+
+        def get(self, key):
+            return None
+
+    real = store.db
+    store.db = FullDisk()
+    try:
+        with pytest.raises(StoreError, match="No space left on device.*nothing of this batch was stored"):
+            pipe.process([record(0, event("u0", "i0"))])
+    finally:
+        store.db = real
+    assert store.offsets() == {} and store.state_meta()["n_events"] == 0
+
+
+def _member(member_id, since):
+    user_data = json.dumps({"since": since, "model_id": member_id}).encode() if since is not None else b""
+    return SimpleNamespace(member_id=member_id, metadata=SimpleNamespace(topics=["t"], user_data=user_data))
+
+
+def test_the_sole_owner_assignor_gives_every_partition_to_the_first_member():
+    cluster = SimpleNamespace(partitions_for_topic=lambda topic: {0, 1, 2})
+    members = [_member("b", 20.0), _member("a", 10.0), _member("c", None)]  # c: not one of ours
+    assignment = SoleOwnerAssignor({"model_id": "x"}).assign(cluster, members)
+    assert [tp.partition for tp in assignment["a"].partitions()] == [0, 1, 2]
+    assert assignment["b"].partitions() == [] and assignment["c"].partitions() == []
+    follower = SoleOwnerAssignor({"model_id": "b"})
+    follower.on_assignment(assignment["b"], 1)
+    assert follower.owner["model_id"] == "a"
