@@ -67,11 +67,6 @@ def history_record(user: int, version: int, items: np.ndarray) -> tuple[bytes, b
     return b"H" + _U32.pack(user), _VERSION.pack(version) + np.asarray(items, dtype="<u4").tobytes()
 
 
-def history_record_bytes(n_items: int) -> int:
-    """Size of a history record's key + value holding n_items items."""
-    return 5 + _VERSION.size + 4 * n_items
-
-
 def meta_record(meta: dict) -> tuple[bytes, bytes]:
     return META_KEY, json.dumps({"format": UPDATES_FORMAT, **meta}).encode()
 

@@ -132,11 +132,12 @@ def create_topic(bootstrap: str, topic: str) -> None:
 
 
 def delete_topic(bootstrap: str, topic: str) -> None:
-    """Best effort: a given cluster should not keep the replay's topic."""
+    """Best effort: a given cluster should not keep the replay's topic, nor the learner's dead-letter topic."""
     try:
         admin = admin_client(bootstrap)
         try:
-            admin.delete_topics([topic], timeout_ms=10000)
+            existing = set(admin.list_topics())
+            admin.delete_topics([t for t in (topic, f"{topic}-dlq") if t in existing], timeout_ms=10000)
         finally:
             admin.close()
     except (KafkaError, TransportError):

@@ -123,7 +123,7 @@ class StreamConsumer:
         self.consumed = 0
         self.last_activity = time.monotonic()
         self.owns_all = False
-        self.waiting_since: float | None = time.monotonic()  # for exclusive ownership of the topic
+        self.waiting_since: float | None = None  # since when an assignment leaves part of the topic to others
         self.unverified: set[TopicPartition] = set()  # positions not yet checked against the log's end
         store = EmbeddingStore(ccfg.store)
         if store.is_empty():

@@ -27,7 +27,6 @@ class UpdatesPublisher:
         self.sent = {"user": np.zeros((0, 0), dtype=np.uint8), "item": np.zeros((0, 0), dtype=np.uint8)}
         self.published_version = -1
         self.stale_keys = list(stale_keys)  # another model's keys, deleted before this model's first record
-        self.histories_truncated = 0
 
     def publish(self, learner: StreamLearner, users: np.ndarray) -> int:
         """Histories of `users`, then, if the learner propagated since the last call, its changed
@@ -39,8 +38,9 @@ class UpdatesPublisher:
         for u in users.tolist():
             items = learner.graph.user_items[u]
             if len(items) > MAX_HISTORY_ITEMS:
+                log.warning("user %s has %d items: only the latest %d are published as the history replicas "
+                            "exclude", learner.graph.users.external[u], len(items), MAX_HISTORY_ITEMS)
                 items = items[-MAX_HISTORY_ITEMS:]
-                self.histories_truncated += 1
             records.append((self.topic, *history_record(u, learner.version, items), None))
         fresh, count = {}, 0
         if learner.final_version != self.published_version:
