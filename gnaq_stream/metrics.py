@@ -129,13 +129,18 @@ class ServeMetrics:
         self.latency = Histogram("gnaq_serve_request_seconds", "Time to answer a request", ["endpoint"],
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)
         self.updates_applied = Counter("gnaq_serve_updates_applied_total", "Update records applied", registry=r)
-        self.updates_stale = Counter("gnaq_serve_updates_stale_total",
-                                     "Update records ignored because a newer one was held", registry=r)
-        self.updates_rejected = Counter("gnaq_serve_updates_rejected_total", "Update records that could not be decoded",
-                                        registry=r)
+        self.updates_stale = Counter("gnaq_serve_updates_stale_total", "Update records ignored because a newer one "
+                                     "was held, and tombstones of keys not held", registry=r)
+        self.updates_rejected = Counter("gnaq_serve_updates_rejected_total", "Update records not applied: malformed, "
+                                        "a row of another width than the model's, an index beyond the replica's "
+                                        "cap, or from a partition other than 0", ["reason"], registry=r)
         self.model_version = Gauge("gnaq_serve_model_version", "Learner version this replica has completely received",
                                    registry=r)
         self.updates_lag = Gauge("gnaq_serve_updates_lag_messages", "Updates-topic high-water mark minus position",
                                  ["partition"], registry=r)
-        self.model_bytes = Gauge("gnaq_serve_model_bytes", "Bytes of packed serving rows held", registry=r)
+        self.model_bytes = Gauge("gnaq_serve_model_bytes", "Bytes of the packed serving rows held (row width x "
+                                 "rows; the replica's whole memory is gnaq_serve_memory_bytes)", registry=r)
+        self.memory_bytes = Gauge("gnaq_serve_memory_bytes", "Estimated bytes the replica holds in memory: rows as "
+                                  "allocated, versions, ids, user index, histories, with Python object overheads",
+                                  registry=r)
         self.nodes = Gauge("gnaq_serve_nodes", "Nodes with a serving row", ["kind"], registry=r)

@@ -1,10 +1,15 @@
 """The recommender replica as a faust-streaming app.
 
-An agent applies the embedding-updates topic to the replica's own store (not a faust Table: state
-lives in gnaq_stream.serve.replica), and faust's web server answers:
+An agent applies the embedding-updates topic (partition 0 only: the topic must have one partition)
+to the replica's own store (not a faust Table: state lives in gnaq_stream.serve.replica); a record
+the replica cannot apply is counted and logged, never stops the agent. faust's web server answers
+only these (faust's own pages, /router, /table, /, ..., are not served):
 
     GET /recommend/{user}?k=20   {"user", "k", "model_version", "user_version", "items": [{"item", "score"}]}
-    GET /healthz                 {"status": "ok" | "waiting", "model_version", "users", "items", "model_bytes"}
+    GET /healthz                 200 {"status": "ok", ...} once the replica holds a complete model (a meta
+                                 record of version >= 0 and a row for every user and item below its
+                                 n_users and n_items), else 503 {"status": "waiting", ...}; both with
+                                 "model_version", "users", "items", "model_bytes", "meta"
     GET /metrics                 Prometheus text format
 
 Every error is JSON {"error": ...} with a 4xx (or 503 before a model has arrived). Agent and views
@@ -16,19 +21,20 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections import Counter
 from pathlib import Path
 
 import faust
 from aiohttp import web as aiohttp_web
+from faust.web.base import BlueprintManager
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gnaq_stream.config import ServeConfig
 from gnaq_stream.metrics import ServeMetrics
-from gnaq_stream.serve.replica import NotReady, Replica, UnknownUser
-from gnaq_stream.updates_format import UpdateFormatError
+from gnaq_stream.serve.replica import REJECTION_REASONS, NotReady, RejectedUpdate, Replica, UnknownUser
 
 log = logging.getLogger("gnaq_stream.serve")
-MAX_USER_ID_BYTES = 256
+MAX_USER_ID_CHARS = 256  # as events allow
 MAX_REQUEST_LINE = 64 * 1024  # longer request lines are refused by the HTTP parser itself
 
 
@@ -57,13 +63,19 @@ def create_app(cfg: ServeConfig, replica: Replica, metrics: ServeMetrics) -> fau
         store="memory://", topic_disable_leader=True, autodiscover=False,
         broker_session_timeout=cfg.session_timeout_seconds, consumer_auto_offset_reset="earliest",
     )
+    app.web.blueprints = BlueprintManager()  # none of faust's own pages: they expose internals
     updates = app.topic(cfg.updates_topic, key_serializer="raw", value_serializer="raw")
+    rejected: Counter[str] = Counter()
+    for reason in REJECTION_REASONS:
+        metrics.updates_rejected.labels(reason)
 
     def refresh_gauges() -> None:
         metrics.model_version.set(replica.model_version)
         metrics.model_bytes.set(replica.model_bytes)
-        for kind, table in (("user", replica.users), ("item", replica.items)):
-            metrics.nodes.labels(kind).set(0 if table is None else table.n)
+        metrics.memory_bytes.set(replica.memory_bytes)
+        info = replica.info()
+        for kind in ("user", "item"):
+            metrics.nodes.labels(kind).set(info[f"{kind}s"])
 
     refresh_gauges()
 
@@ -72,10 +84,17 @@ def create_app(cfg: ServeConfig, replica: Replica, metrics: ServeMetrics) -> fau
         async for event in stream.events():
             message = event.message
             try:
-                fresh = replica.apply(event.key or b"", event.value or b"")
-            except (UpdateFormatError, KeyError, ValueError) as exc:
-                metrics.updates_rejected.inc()
-                log.warning("update %s:%d:%d not applied: %s", message.topic, message.partition, message.offset, exc)
+                if message.partition != 0:  # "complete up to this meta record" holds within one partition only
+                    raise RejectedUpdate("partition", "the updates topic has more than one partition; only "
+                                         "partition 0 is read (the learner publishes to a one-partition topic)")
+                fresh = replica.apply(event.key or b"", event.value)
+            except RejectedUpdate as exc:
+                metrics.updates_rejected.labels(exc.reason).inc()
+                rejected[exc.reason] += 1
+                count = rejected[exc.reason]
+                if count & (count - 1) == 0:  # the 1st, 2nd, 4th, ...: a bad publication cannot flood the log
+                    log.warning("update %s:%d:%d not applied (%s, %d so far): %s", message.topic,
+                                message.partition, message.offset, exc.reason, count, exc)
             else:
                 (metrics.updates_applied if fresh else metrics.updates_stale).inc()
             high = app.consumer.highwater(message.tp)
@@ -98,9 +117,9 @@ def create_app(cfg: ServeConfig, replica: Replica, metrics: ServeMetrics) -> fau
             return answer(web, "recommend", started, {"error": f"k must be an integer, got {raw_k[:32]!r}"}, 400)
         if not 1 <= k <= cfg.max_k:
             return answer(web, "recommend", started, {"error": f"k must be in 1..{cfg.max_k}, got {k}"}, 400)
-        if len(user.encode()) > MAX_USER_ID_BYTES:
+        if len(user) > MAX_USER_ID_CHARS:
             return answer(web, "recommend", started,
-                          {"error": f"user id longer than {MAX_USER_ID_BYTES} bytes"}, 400)
+                          {"error": f"user id longer than {MAX_USER_ID_CHARS} characters"}, 400)
         try:
             return answer(web, "recommend", started, replica.recommend(user, k))
         except UnknownUser as exc:
@@ -111,8 +130,10 @@ def create_app(cfg: ServeConfig, replica: Replica, metrics: ServeMetrics) -> fau
     @app.page("/healthz")
     async def healthz(web, request):
         started = time.perf_counter()
-        info = replica.info()
-        return answer(web, "healthz", started, {"status": "ok" if info["model_version"] >= 0 else "waiting", **info})
+        # a readiness probe: no traffic until a complete model is held (e.g. while replaying the topic)
+        ready = replica.ready
+        return answer(web, "healthz", started, {"status": "ok" if ready else "waiting", **replica.info()},
+                      200 if ready else 503)
 
     @app.page("/metrics")
     async def prometheus(web, request):

@@ -9,16 +9,22 @@ import subprocess
 import sys
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from kafka import KafkaProducer
 
 from gnaq_stream.config import LearnerConfig
+from gnaq_stream.data.events import Event
 from gnaq_stream.quant.packing import quantize_rows
 from gnaq_stream.serve.scoring import ItemIndex
 from gnaq_stream.store.embedding_store import EmbeddingStore, inspect_store
+from gnaq_stream.stream.learner import StreamLearner
+from gnaq_stream.stream.updates import UpdatesPublisher
+from gnaq_stream.updates_format import META_KEY, row_record
 
 from .conftest import GROUP_CONSUMER_KWARGS, create_topic, free_port, produce, wait_until
 from .test_consume import consume_cmd, encode, ml100k_events
@@ -77,7 +83,7 @@ def replicas(kafka_broker, tmp_path):
 def learner_top_k(store: Path, users: list[str], k: int) -> dict[str, list[str]]:
     """The learner's own answer, computed from its store: propagate, quantize to serving rows, score."""
     with EmbeddingStore(store, read_only=True) as s:
-        learner = s.load_learner(LearnerConfig())
+        learner = StreamLearner.from_state(s.load(LearnerConfig()))
     learner.refresh_final_embeddings(force=True)
     cfg, g = learner.cfg, learner.graph
     user_rows = quantize_rows(learner.final_users, cfg.bits, cfg.level_dtype)
@@ -102,7 +108,7 @@ def run_learner(bootstrap: str, topic: str, store: Path, n: int) -> None:
 def test_two_replicas_follow_the_learner_and_answer_like_it(kafka_broker, replicas, data_dir, tmp_path):
     events = ml100k_events(data_dir, 3000)
     create_topic(kafka_broker.bootstrap, "ml", partitions=2)
-    create_topic(kafka_broker.bootstrap, "ml-updates", partitions=2)
+    create_topic(kafka_broker.bootstrap, "ml-updates", partitions=1)
     produce(kafka_broker.bootstrap, "ml", encode(events))
     pair = replicas("ml-updates", 2)
     store = tmp_path / "learner"
@@ -224,3 +230,87 @@ def test_every_metric_the_dashboard_queries_is_exported(kafka_broker, replicas, 
         learner.send_signal(signal.SIGTERM)
         _, err = learner.communicate(timeout=60)
     assert learner.returncode == 0, err.decode()[-2000:]
+
+
+class _Recorded:
+    is_done, exception = True, None
+
+    def failed(self):
+        return False
+
+
+class RecordingProducer:
+    def __init__(self):
+        self.records: list[tuple[bytes, bytes | None]] = []
+
+    def send(self, topic, key, value, headers=None):
+        self.records.append((key, value))
+        return _Recorded()
+
+    def flush(self, timeout=None):
+        pass
+
+
+def published(events: list[Event], stale_keys: list[bytes] = ()) -> tuple[StreamLearner, list]:
+    """A new model learnt in-process from `events` and the records of its first publication."""
+    learner, producer = StreamLearner(LearnerConfig(dim=8, bits=2, refine_steps=1)), RecordingProducer()
+    learner.apply_micro_batch(events)
+    learner.refresh_final_embeddings(force=True)
+    UpdatesPublisher(producer, "updates", 2, stale_keys=stale_keys).publish(learner, np.arange(learner.graph.n_users))
+    return learner, producer.records
+
+
+def send(bootstrap: str, topic: str, records: list, partition: int = 0) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    try:
+        futures = [producer.send(topic, key=key, value=value, partition=partition) for key, value in records]
+        producer.flush(30)
+        for future in futures:
+            future.get(30)
+    finally:
+        producer.close(timeout=10)
+
+
+def scrape(replica: Replica, sample: str) -> float:
+    with urllib.request.urlopen(replica.url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return float(re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M).group(1))
+
+
+def test_readiness_bad_records_a_model_switch_and_no_faust_pages(kafka_broker, replicas):
+    bootstrap = kafka_broker.bootstrap
+    create_topic(bootstrap, "upd", partitions=2)  # the learner refuses this; a replica reads partition 0 only
+    (replica,) = replicas("upd", 1)
+    wait_until(lambda: replica.health(), 60, "the replica's web server")
+    status, body = replica.get("/healthz")
+    assert status == 503 and body["status"] == "waiting" and body["meta"] is None
+    assert set(body) == {"status", "model_version", "users", "items", "model_bytes", "meta"}
+    for path in ("/router", "/router/", "/table", "/table/", "/", "/graph", "/assignment/", "/performance/"):
+        assert replica.get(path) == (404, {"error": "Not Found"}), path
+
+    a, a_records = published([Event(f"u{k % 5}", f"i{k % 7}", float(k)) for k in range(12)])
+    row = next(value for key, value in a_records if key[:1] == b"U")[8:]
+    bad = [(META_KEY, b"[1]"), row_record("user", 0, "u0", 10**6, row + b"\x00"),
+           row_record("item", 2**32 - 1, "x", 1, row)]
+    send(bootstrap, "upd", [(b"U\x00\x00\x00\x00u0", a_records[-2][1])], partition=1)
+    send(bootstrap, "upd", a_records[:1] + bad + a_records[1:-1])  # all of model A but its final meta record
+    wait_until(lambda: replica.health().get("users") == 5 and replica.health().get("items") == 7, 60, "A's rows")
+    status, body = replica.get("/healthz")
+    assert (status, body["status"], body["model_version"]) == (503, "waiting", -1)
+    send(bootstrap, "upd", a_records[-1:])
+    wait_until(lambda: replica.health().get("status") == "ok", 60, "A complete")
+    assert replica.get("/healthz")[0] == 200 and replica.get("/recommend/u2?k=3")[0] == 200
+    for reason in ("malformed", "width", "index", "partition"):
+        wait_until(lambda: scrape(replica, f'gnaq_serve_updates_rejected_total{{reason="{reason}"}}') == 1, 30, reason)
+    assert scrape(replica, "gnaq_serve_memory_bytes") > scrape(replica, "gnaq_serve_model_bytes") == 12 * len(row)
+
+    a_keys = list(dict.fromkeys(key for key, _ in a_records if key != META_KEY))
+    b, b_records = published([Event("u0", "i1", 1.0), Event("v0", "j0", 2.0), Event("v1", "j1", 3.0)], a_keys)
+    send(bootstrap, "upd", b_records)  # A's keys deleted, then B
+    wait_until(lambda: (replica.health().get("meta") or {}).get("model_id") == b.model_id
+               and replica.health()["status"] == "ok", 60, "B complete")
+    assert replica.get("/recommend/u2?k=3")[0] == 404  # A's only
+    status, body = replica.get("/recommend/v0?k=10")
+    assert status == 200 and {row["item"] for row in body["items"]} == {"i1", "j1"}
+    for user, expected in (("é" * 256, 404), ("é" * 257, 400)):  # ids of up to 256 characters, as events
+        assert replica.get("/recommend/" + urllib.parse.quote(user))[0] == expected

@@ -1,14 +1,17 @@
 import json
+import random
+import struct
+import tracemalloc
 
 import numpy as np
 import pytest
 
 from gnaq_stream.config import LearnerConfig
 from gnaq_stream.data.events import Event
-from gnaq_stream.serve.replica import NotReady, Replica, UnknownUser
+from gnaq_stream.serve.replica import NotReady, RejectedUpdate, Replica, UnknownUser
 from gnaq_stream.stream.learner import StreamLearner
 from gnaq_stream.stream.updates import UpdatesPublisher
-from gnaq_stream.updates_format import UpdateFormatError, decode_meta
+from gnaq_stream.updates_format import META_KEY, decode_meta, history_record, meta_record, row_key, row_record
 
 CFG = LearnerConfig(dim=8, bits=2, level_dtype="fp8", refine_steps=1, refine_budget_seconds=60.0)
 
@@ -24,7 +27,7 @@ class RecordingProducer:
     """In-memory stand-in for KafkaProducer: keeps what was sent, in order; every send succeeds."""
 
     def __init__(self):
-        self.records: list[tuple[bytes, bytes]] = []
+        self.records: list[tuple[bytes, bytes | None]] = []
 
     def send(self, topic, key, value, headers=None):
         self.records.append((key, value))
@@ -43,6 +46,33 @@ def _learner_and_records():
     learner.refresh_final_embeddings(force=True)
     sent = publisher.publish(learner, np.arange(learner.graph.n_users))
     return learner, publisher, producer, sent
+
+
+def _published(events: list[Event], stale_keys: list[bytes] = ()) -> tuple[StreamLearner, list]:
+    """A new model (its own model id) learnt from `events` and every record its first publication sent."""
+    learner, producer = StreamLearner(CFG), RecordingProducer()
+    learner.apply_micro_batch(events)
+    learner.refresh_final_embeddings(force=True)
+    UpdatesPublisher(producer, "updates", CFG.bits, stale_keys=stale_keys).publish(learner,
+                                                                                 np.arange(learner.graph.n_users))
+    return learner, producer.records
+
+
+def _fed(path, records, **kwargs) -> Replica:
+    replica = Replica(path, **kwargs)
+    for key, value in records:
+        replica.apply(key, value)
+    return replica
+
+
+def _answers(replica: Replica, users) -> dict:
+    return {user: replica.recommend(user, 50) for user in users}
+
+
+def _rejected(replica: Replica, key: bytes, value: bytes | None) -> str:
+    with pytest.raises(RejectedUpdate) as info:
+        replica.apply(key, value)
+    return info.value.reason
 
 
 def test_publisher_sends_every_row_then_only_changed_rows():
@@ -76,37 +106,257 @@ def test_replica_answers_from_the_records_and_again_after_a_restart(tmp_path):
     key, value = next((k, v) for k, v in producer.records if k[:1] == b"U")
     older = (0).to_bytes(8, "little") + value[8:]
     assert not replica.apply(key, older)  # an older record for a key is ignored
-    with pytest.raises(UpdateFormatError):
-        replica.apply(b"X123", b"")
+    assert _rejected(replica, b"X123", b"") == "malformed"
     replica.close()
     restarted = Replica(tmp_path / "r")
-    assert restarted.recommend("u0", 3) == answer
+    assert restarted.recommend("u0", 3) == answer and restarted.ready
     restarted.close()
-
-
-def test_meta_record_of_another_format_is_refused(tmp_path):
-    replica = Replica(tmp_path / "r")
-    with pytest.raises(UpdateFormatError):
-        replica.apply(b"M", json.dumps({"format": "other/9"}).encode())
-    replica.close()
 
 
 def test_a_new_model_id_replaces_the_old_model(tmp_path):
     _, _, old, _ = _learner_and_records()
-    replica = Replica(tmp_path / "r")
-    for key, value in old.records:
-        replica.apply(key, value)
-    fresh = StreamLearner(CFG)  # e.g. a learner restarted on a new store: versions start again at 1
-    producer = RecordingProducer()
-    fresh.apply_micro_batch([Event("v0", "j0", 1.0), Event("v1", "j1", 2.0)])
-    fresh.refresh_final_embeddings(force=True)
-    UpdatesPublisher(producer, "updates", CFG.bits).publish(fresh, np.arange(2))
-    assert producer.records[0][0] == b"M" and decode_meta(producer.records[0][1])["version"] == -1
-    for key, value in producer.records:
+    replica = _fed(tmp_path / "r", old.records)
+    fresh, records = _published([Event("v0", "j0", 1.0), Event("v1", "j1", 2.0)])
+    assert records[0][0] == b"M" and decode_meta(records[0][1])["version"] == -1
+    for key, value in records:
         replica.apply(key, value)
     assert replica.meta["model_id"] == fresh.model_id and replica.model_version == fresh.version
     assert replica.recommend("v0", 5)["items"] == [{"item": "j1", "score": pytest.approx(
         replica.recommend("v0", 5)["items"][0]["score"])}]
     with pytest.raises(UnknownUser):
         replica.recommend("u0", 5)
+    replica.close()
+
+
+# --- a model switch on a compacted topic --------------------------------------------------------
+
+A_EVENTS = [Event(f"u{k % 5}", f"i{k % 7}", float(k)) for k in range(12)]
+# B shares some keys with A (u0 at index 0), some indices under other ids (i1 at A's i0 index), and
+# has users and items A lacks; u2..u4 and i2..i6 are A's only
+B_EVENTS = [Event(u, i, float(k)) for k, (u, i) in enumerate(
+    [("u0", "i1"), ("v0", "j0"), ("u1", "j1"), ("v1", "i0"), ("v0", "j2"), ("v2", "j3"), ("u0", "j0")])]
+
+
+def _compacted(records: list, keep_tombstones: bool) -> list:
+    """What log compaction leaves: the last record of each key, in the order of those last records."""
+    last = {key: (position, value) for position, (key, value) in enumerate(records)}
+    kept = sorted(last.items(), key=lambda item: item[1][0])
+    return [(key, value) for key, (_, value) in kept if value is not None or keep_tombstones]
+
+
+@pytest.mark.parametrize("order", ["live", "compacted, tombstones kept", "compacted, tombstones removed"])
+def test_after_a_model_switch_only_the_new_model_is_served(tmp_path, order):
+    _, a_records = _published(A_EVENTS)
+    a_keys = list(dict.fromkeys(key for key, _ in a_records if key != META_KEY))
+    b, b_records = _published(B_EVENTS, stale_keys=a_keys)
+    assert [value for _, value in b_records[:len(a_keys)]] == [None] * len(a_keys)
+    topic = a_records + b_records
+    if order != "live":
+        topic = _compacted(topic, keep_tombstones=order == "compacted, tombstones kept")
+    replica = _fed(tmp_path / "replica", topic)
+    reference = _fed(tmp_path / "reference", b_records[len(a_keys):])  # B alone
+    b_users = list(b.graph.users.external)
+    assert replica.ready and replica.meta == reference.meta and replica.info() == reference.info()
+    assert _answers(replica, b_users) == _answers(reference, b_users)
+    for user in ("u2", "u3", "u4"):
+        with pytest.raises(UnknownUser):
+            replica.recommend(user, 5)
+    b_keys = {key for key, value in b_records if value is not None}
+    assert set(replica.db.keys()) == b_keys  # the store holds nothing of A either
+    replica.close()
+    restarted = Replica(tmp_path / "replica")
+    assert _answers(restarted, b_users) == _answers(reference, b_users)
+    restarted.close()
+    reference.close()
+
+
+def test_a_tombstone_drops_only_the_row_of_its_own_key(tmp_path):
+    learner, records = _published(A_EVENTS)
+    replica = _fed(tmp_path / "r", records)
+    assert replica.ready
+    assert not replica.apply(row_key("user", 0, "someone-else"), None)  # same index, another id: kept
+    replica.recommend("u0", 3)
+    assert replica.apply(row_key("user", 0, "u0"), b"")  # b"" is a tombstone too
+    with pytest.raises(UnknownUser):
+        replica.recommend("u0", 3)
+    assert not replica.ready and replica.info()["users"] == 4  # u0's row is missing now
+    item = learner.graph.items.external[6]
+    assert replica.apply(row_key("item", 6, item), None)
+    assert replica.apply(b"H\x00\x00\x00\x01", None) and 1 not in replica.histories
+    answer = {row["item"] for row in replica.recommend("u1", 10)["items"]}
+    assert item not in answer  # a deleted item is never recommended
+    assert answer & {learner.graph.items.external[i] for i in learner.graph.user_items[1]}  # history gone
+    assert _rejected(replica, META_KEY, None) == "malformed"
+    row = next(value for key, value in records if key[:1] == b"U")[8:]
+    assert replica.apply(*row_record("user", 1, "renamed", 10**6, row))  # another id at a held index
+    assert replica.recommend("renamed", 3)
+    with pytest.raises(UnknownUser):
+        replica.recommend("u1", 3)
+    replica.close()
+
+
+def test_a_learner_restarted_with_other_serve_bits_is_followed(tmp_path):
+    learner, records = _published(A_EVENTS)
+    replica = _fed(tmp_path / "r", records)
+    producer = RecordingProducer()  # same model id, rows of another width from its first meta record on
+    UpdatesPublisher(producer, "updates", 4).publish(learner, np.arange(learner.graph.n_users))
+    replica.apply(*producer.records[0])
+    assert replica.meta["bits"] == 4 and not replica.ready
+    for key, value in producer.records[1:]:
+        assert replica.apply(key, value)
+    assert replica.ready and replica.info()["model_bytes"] == 12 * len(producer.records[-2][1][8:])
+    assert len(replica.recommend("u0", 20)["items"]) == 7 - len(learner.graph.user_items[0])
+    replica.close()
+
+
+# --- faults: nothing a record holds stops the replica or changes what it serves ------------------
+
+def test_a_row_of_another_width_is_rejected_and_serving_is_unaffected(tmp_path):
+    learner, records = _published(A_EVENTS)
+    replica = _fed(tmp_path / "r", records)
+    users = list(learner.graph.users.external)
+    before = _answers(replica, users)
+    row = next(value for key, value in records if key[:1] == b"U")[8:]
+    for kind, index, external_id in (("user", 0, "u0"), ("item", 0, "i0"), ("user", 99, "new")):
+        for wrong in (row + b"\x00" * 4, row[:-1]):  # e.g. a learner restarted with another --serve-bits
+            assert _rejected(replica, *row_record(kind, index, external_id, 10**6, wrong)) == "width"
+    assert _answers(replica, users) == before and replica.ready
+    replica.close()
+
+
+def test_rows_before_the_meta_record_have_the_width_of_the_first_ones(tmp_path):
+    _, records = _published(A_EVENTS)
+    rows = [(key, value) for key, value in records if key[:1] in b"UI"]
+    replica = Replica(tmp_path / "r")
+    for key, value in rows:
+        assert replica.apply(key, value)
+        assert _rejected(replica, key, value + b"\x00") == "width"
+    meta = [(key, value) for key, value in records if key == META_KEY][-1]
+    assert replica.apply(*meta) and replica.ready
+    other = Replica(tmp_path / "other")  # rows that do not fit the meta record that comes are dropped
+    other.apply(rows[0][0], rows[0][1] + b"\x00")
+    assert other.info()["users"] == 1 and other.apply(*meta) and other.info()["users"] == 0
+    replica.close()
+    other.close()
+
+
+def test_an_index_beyond_the_cap_is_rejected_and_never_allocated(tmp_path):
+    _, records = _published(A_EVENTS)
+    replica = _fed(tmp_path / "r", records, max_nodes=1000)
+    row = next(value for key, value in records if key[:1] == b"U")[8:]
+    memory = replica.memory_bytes
+    for index in (1000, 2**32 - 1):
+        assert _rejected(replica, *row_record("user", index, "x", 1, row)) == "index"
+        assert _rejected(replica, *row_record("item", index, "x", 1, row)) == "index"
+        assert _rejected(replica, *history_record(index, 1, np.arange(3))) == "index"
+    meta = dict(decode_meta(records[-1][1]), version=10**6, n_users=1001)
+    assert _rejected(replica, *meta_record(meta)) == "index"
+    assert replica.memory_bytes == memory and replica.ready
+    default = Replica(tmp_path / "default")  # 1 << 26 nodes per kind
+    assert _rejected(default, *row_record("user", 2**32 - 1, "x", 1, row)) == "index"
+    assert default.memory_bytes < 1 << 20
+    replica.close()
+    default.close()
+
+
+def test_malformed_records_are_rejected_and_serving_is_unaffected(tmp_path):
+    learner, records = _published(A_EVENTS)
+    replica = _fed(tmp_path / "r", records)
+    users = list(learner.graph.users.external)
+    before = _answers(replica, users)
+    meta = decode_meta(records[-1][1])
+    row = next(value for key, value in records if key[:1] == b"U")[8:]
+    bad = [
+        (META_KEY, b"[1, 2]"), (META_KEY, b"\xff"), (META_KEY, b'"meta"'), (META_KEY, b"[" * 10**5),
+        (META_KEY, json.dumps({"format": "other/9"}).encode()),
+        meta_record({k: v for k, v in meta.items() if k != "n_items"}),
+        meta_record(dict(meta, model_id="another", dim=0)),  # checked before the held model is dropped
+        meta_record(dict(meta, version=10**6, bits=5)), meta_record(dict(meta, version=10**6, level_dtype="bf3")),
+        meta_record(dict(meta, version=10**6, dim=10**9)), meta_record(dict(meta, version=10**6, n_users=-1)),
+        meta_record(dict(meta, version="7")), meta_record(dict(meta, version=10**400)),
+        (b"U\x00", row), (b"Z\x00\x00\x00\x00", row), (b"U\x00\x00\x00\x00\xff\xfe", struct.pack("<Q", 9) + row),
+        (b"H\x00\x00\x00\x00", struct.pack("<Q", 9) + b"\x01\x02"), (b"H\x00\x00\x00\x00x", struct.pack("<Q", 9)),
+        (b"U\x00\x00\x00\x00u0", b"\x01\x02"), row_record("user", 0, "u0", 2**63, row), (b"", b"\x00" * 30),
+    ]
+    for key, value in bad:
+        assert _rejected(replica, key, value) == "malformed"
+    assert _answers(replica, users) == before and replica.ready
+    replica.close()
+
+
+def test_no_mutation_of_a_record_raises_anything_but_rejected_update(tmp_path):
+    _, records = _published(A_EVENTS)
+    replica = _fed(tmp_path / "r", records, max_nodes=1000)  # the cap's own cost is not this test's subject
+    rng = random.Random(7)
+
+    def mutate(data: bytes) -> bytes:
+        data = bytearray(data)
+        op = rng.randrange(4)
+        if op == 0 and data:
+            del data[rng.randrange(len(data)):]
+        elif op == 1:
+            data += bytes(rng.randrange(256) for _ in range(rng.randrange(1, 9)))
+        elif data:
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        return bytes(data)
+
+    outcomes = set()
+    for _ in range(2000):
+        key, value = rng.choice(records)
+        value = value or b""
+        key, value = (mutate(key), value) if rng.random() < 0.3 else (key, mutate(value))
+        try:
+            outcomes.add(replica.apply(key, value))
+        except RejectedUpdate as exc:
+            outcomes.add(exc.reason)
+    assert {"malformed", "width", "index", True, False} <= outcomes
+    replica.recommend("u1", 5)
+    replica.close()
+
+
+def test_ready_only_once_a_complete_model_is_held(tmp_path):
+    learner, records = _published(A_EVENTS)
+    replica = Replica(tmp_path / "r")
+    assert not replica.ready
+    *body, last = records
+    assert decode_meta(body[0][1])["version"] == -1
+    for key, value in body:
+        replica.apply(key, value)
+        assert not replica.ready  # rows arriving under the first meta record, of version -1
+    item_row = next(i for i, (key, _) in enumerate(records) if key[:1] == b"I")
+    holey = Replica(tmp_path / "holey")  # the final meta record, an item row missing
+    for key, value in records[:item_row] + records[item_row + 1:]:
+        holey.apply(key, value)
+    assert holey.model_version == learner.version and not holey.ready
+    holey.apply(*records[item_row])
+    assert holey.ready
+    replica.apply(*last)
+    assert replica.ready
+    replica.close()
+    holey.close()
+
+
+def test_memory_estimate_grows_with_users_and_matches_what_python_allocates(tmp_path):
+    _, records = _published(A_EVENTS)
+    meta = decode_meta(records[-1][1])
+    row = next(value for key, value in records if key[:1] == b"U")[8:]
+    replica = Replica(tmp_path / "r")
+    replica.apply(*meta_record(meta))
+    sizes, start = [replica.memory_bytes], 0
+    for n in (500, 2000):
+        tracemalloc.start()
+        for u in range(start, n):
+            replica.apply(*row_record("user", u, f"user-{u}", 1, row))
+            replica.apply(*history_record(u, 1, np.arange(u % 20)))
+        allocated = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        sizes.append(replica.memory_bytes)
+        # row, version, id and its list slot, index entry, history tuple, array and ints: ~400 bytes a user here
+        assert 0.75 < (sizes[-1] - sizes[-2]) / allocated < 1.33 and sizes[-1] >= replica.model_bytes + sizes[0]
+        start = n
+    assert (sizes[2] - sizes[1]) / 1500 > 10 * len(row)
+    for u in range(2000):
+        replica.apply(row_key("user", u, f"user-{u}"), None)
+        replica.apply(b"H" + u.to_bytes(4, "big"), None)
+    assert replica.memory_bytes < sizes[1]  # rows' arrays stay allocated, the rest is released
     replica.close()
