@@ -167,6 +167,7 @@ class ConsumerConfig:
     exclusive_wait_seconds: float = 30.0  # for ownership of every partition before giving up (another learner)
     metadata_max_age_ms: int = 30000  # how soon partitions added to the topic are noticed
     replication_factor: int = 1  # of the topics the learner creates (dead-letter, updates)
+    max_batch_inflated_bytes: int = 64 * 1024 * 1024  # a compressed record batch may inflate to this at most
 
     HELP: ClassVar[dict[str, str]] = {
         "bootstrap_servers": "Kafka brokers, host:port[,host:port...]",
@@ -193,6 +194,8 @@ class ConsumerConfig:
         "exclusive_wait_seconds": "how long to wait to own every partition before giving up (another learner)",
         "metadata_max_age_ms": "topic metadata refresh: how soon added partitions are read",
         "replication_factor": "replication factor of the topics the learner creates",
+        "max_batch_inflated_bytes": "a compressed record batch inflating beyond this (a compression bomb) goes to "
+                                    "the dead-letter topic as one 'undecodable' record naming its offsets",
     }
 
     def __post_init__(self) -> None:
@@ -201,9 +204,9 @@ class ConsumerConfig:
         if self.start_offset not in ("earliest", "latest"):
             raise ConfigError(f"start_offset must be earliest or latest, got {self.start_offset!r}")
         if self.max_nodes < 0 or self.exclusive_wait_seconds <= 0 or self.metadata_max_age_ms < 100 \
-                or self.replication_factor < 1:
-            raise ConfigError("max_nodes >= 0, exclusive_wait_seconds > 0, metadata_max_age_ms >= 100 and "
-                              "replication_factor >= 1 required")
+                or self.replication_factor < 1 or self.max_batch_inflated_bytes < self.fetch_max_bytes:
+            raise ConfigError("max_nodes >= 0, exclusive_wait_seconds > 0, metadata_max_age_ms >= 100, "
+                              "replication_factor >= 1 and max_batch_inflated_bytes >= fetch_max_bytes required")
 
 
 @dataclass(frozen=True)
@@ -219,10 +222,14 @@ class ServeConfig:
     port: int = 8080
     max_k: int = 1000
     session_timeout_seconds: float = 10.0
+    max_nodes: int = 1 << 24  # per kind; above the learner's default --max-nodes (10M)
 
     HELP: ClassVar[dict[str, str]] = {
         "bootstrap_servers": "Kafka brokers, host:port[,host:port...]",
         "updates_topic": "the learner's --updates-topic",
+        "max_nodes": "users (and items) this replica holds at most: update records with a larger index are "
+                     "rejected (gnaq_serve_updates_rejected_total{reason=\"index\"}); keep it >= the learner's "
+                     "--max-nodes",
         "store": "RocksDB directory of this replica's copy of the model (serves at once after a restart)",
         "group": "consumer group of this replica; each replica needs its own (empty: gnaq-serve-<hostname>-<port>)",
         "host": "HTTP address to bind",
@@ -232,5 +239,5 @@ class ServeConfig:
     }
 
     def __post_init__(self) -> None:
-        if not 0 < self.port < 65536 or self.max_k < 1 or self.session_timeout_seconds <= 0:
-            raise ConfigError("port must be in 1..65535, max_k >= 1, session_timeout_seconds > 0")
+        if not 0 < self.port < 65536 or self.max_k < 1 or self.session_timeout_seconds <= 0 or self.max_nodes < 1:
+            raise ConfigError("port must be in 1..65535, max_k >= 1, session_timeout_seconds > 0, max_nodes >= 1")

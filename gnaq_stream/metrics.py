@@ -13,7 +13,7 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from gnaq_stream.data.events import REJECTION_REASONS
+from gnaq_stream.data.events import DEAD_LETTER_REASONS
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -57,7 +57,7 @@ class LearnerMetrics:
         self.events_applied = Counter("gnaq_events_applied_total", "Valid events applied to the model", registry=r)
         self.events_rejected = Counter("gnaq_events_rejected_total", "Messages sent to the dead-letter topic",
                                        ["reason"], registry=r)
-        for reason in REJECTION_REASONS:
+        for reason in DEAD_LETTER_REASONS:
             self.events_rejected.labels(reason)
         self.micro_batch_seconds = Histogram("gnaq_micro_batch_seconds", "Wall time to apply and persist a micro-batch",
                                              buckets=_LATENCY_BUCKETS, registry=r)

@@ -18,6 +18,9 @@ import orjson
 
 REJECTION_REASONS = ("too_large", "invalid_json", "not_an_object", "missing_field", "wrong_type",
                      "bad_timestamp", "bad_weight")
+# every reason a record reaches the dead-letter topic: a message's own faults, an event past the
+# learner's --max-nodes, a compressed batch that cannot be decoded (corrupt or a compression bomb)
+DEAD_LETTER_REASONS = REJECTION_REASONS + ("node_limit", "undecodable")
 DEFAULT_MAX_BYTES = 4096
 MAX_ID_CHARS = 256
 

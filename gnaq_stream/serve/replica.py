@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from rocksdict import Options, Rdict
 
+from gnaq_stream.config import ServeConfig
 from gnaq_stream.errors import ConfigError, GnaqError
 from gnaq_stream.quant.packing import SUPPORTED_BITS, check_bits, check_level_dtype, row_bytes
 from gnaq_stream.serve.scoring import ItemIndex, PackedScorer
@@ -25,10 +26,9 @@ from gnaq_stream.updates_format import META_KEY, HistoryUpdate, RowUpdate, Updat
 
 log = logging.getLogger("gnaq_stream.serve")
 REJECTION_REASONS = ("malformed", "width", "index", "partition")
-MAX_NODES = 1 << 26  # per kind: a row index beyond it would allocate that many rows
 MAX_DIM = 1 << 16  # a meta record's dim: the scorer allocates buffers of that size
 MAX_ROW_BYTES = row_bytes(MAX_DIM, max(SUPPORTED_BITS), "fp32")  # bounds rows held before any meta record
-_INT_BYTES = sys.getsizeof(MAX_NODES)  # a node index held as a Python int
+_INT_BYTES = sys.getsizeof(1 << 24)  # a node index held as a Python int
 _SHAPE = ("dim", "bits", "level_dtype")
 
 
@@ -129,7 +129,7 @@ class _Rows:
 
 
 class Replica:
-    def __init__(self, store: str | Path, max_nodes: int = MAX_NODES):
+    def __init__(self, store: str | Path, max_nodes: int = ServeConfig.max_nodes):
         self.path = Path(store)
         self.max_nodes = max_nodes
         try:

@@ -36,6 +36,7 @@ from kafka.structs import OffsetAndMetadata
 from gnaq_stream.checkpoint import load_checkpoint
 from gnaq_stream.config import ConsumerConfig, LearnerConfig
 from gnaq_stream.errors import GnaqError
+from gnaq_stream.kafka_codecs import DecompressionError, install_bounded_decoders
 from gnaq_stream.metrics import LearnerMetrics
 from gnaq_stream.store.embedding_store import EmbeddingStore
 from gnaq_stream.stream.learner import StreamLearner
@@ -155,6 +156,8 @@ class StreamConsumer:
 
     def _connect(self) -> None:
         c = self.ccfg
+        # a compression bomb becomes a dead letter, not an out-of-memory kill
+        install_bounded_decoders(c.max_batch_inflated_bytes)
         common = dict(bootstrap_servers=c.bootstrap_servers.split(","), reconnect_backoff_max_ms=5000,
                       bootstrap_timeout_ms=5000)
         self.consumer = _retry("connecting consumer", lambda: KafkaConsumer(
@@ -368,6 +371,9 @@ class StreamConsumer:
             return {}
         try:
             return self.consumer.poll(timeout_ms=100, max_records=room)
+        except DecompressionError as exc:
+            self._skip_undecodable(exc)
+            return {}
         except OffsetOutOfRangeError as exc:
             for tp, offset in exc.args[0].items():
                 start = self.consumer.beginning_offsets([tp])[tp]
@@ -399,6 +405,30 @@ class StreamConsumer:
                   restart_at, skipped)
         self.metrics.events_skipped.labels(str(tp.partition)).inc(skipped)
         self.consumer.seek(tp, restart_at)
+
+    def _skip_undecodable(self, exc: DecompressionError) -> None:
+        """A batch that cannot be decompressed: what was read before it is processed first, then the
+        batch goes to the dead-letter topic as an offset range and its partition reads on after it."""
+        tp = exc.topic_partition
+        if tp is None or exc.base_offset is None or exc.next_offset is None:
+            raise ConsumeError(f"a record batch cannot be decoded and its offsets are unknown ({exc}); "
+                               "it is in an old message format: remove it from the topic") from None
+        if self.pending:
+            stored, self.pending = self._process(self.pending), []
+            if not stored:
+                return
+        log.error("partition %d: record batch at offsets %d-%d cannot be decoded (%s); sent to %s as one "
+                  "dead letter", tp.partition, exc.base_offset, exc.next_offset - 1, exc, self.dlq_topic)
+        try:
+            offsets = _retry("dead-lettering an undecodable batch",
+                             lambda: self.pipeline.skip(tp.topic, tp.partition, exc.base_offset, exc.next_offset,
+                                                        str(exc)), self._stopping)
+        except KafkaError as err:
+            if self.stop_requested:
+                return
+            raise ConsumeError(f"dead-letter topic {self.dlq_topic!r} refuses records ({err!r})") from None
+        self.consumer.seek(tp, exc.next_offset)
+        self._commit(offsets)
 
     # ---- one micro-batch ------------------------------------------------------------------------
 

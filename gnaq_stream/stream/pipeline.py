@@ -141,6 +141,24 @@ class MicroBatchPipeline:
             self.metrics.publish_failures.labels("dlq").inc()
             raise
 
+    def skip(self, topic: str, partition: int, first: int, next_offset: int, detail: str) -> dict[tuple[str, int], int]:
+        """A record batch that cannot be decoded (offsets first..next_offset-1): one dead letter
+        naming the range (its bytes are unreadable), then the partition's offset stored past it.
+        Returns the offsets to commit; raises like `process` with nothing stored."""
+        record = (self.dlq_topic, None, b"", [("reason", b"undecodable"), ("detail", detail.encode()),
+                                               ("source", f"{topic}:{partition}:{first}".encode()),
+                                               ("offsets", f"{first}-{next_offset - 1}".encode())])
+        try:
+            send_all(self.producer, [record])
+        except Exception:
+            self.metrics.publish_failures.labels("dlq").inc()
+            raise
+        offsets = {(topic, partition): next_offset}
+        learner = self.learner
+        self.store.write(learner.changes(BatchResult(learner.version, 0), offsets))
+        self.metrics.events_rejected.labels("undecodable").inc()
+        return offsets
+
     # ---- serving rows ---------------------------------------------------------------------------
 
     def publish(self, refresh: bool = False, everyone: bool = False) -> None:

@@ -144,7 +144,7 @@ def create_app(cfg: ServeConfig, replica: Replica, metrics: ServeMetrics) -> fau
 
 def run(cfg: ServeConfig, log_level: str = "WARNING") -> None:
     """Run one replica until SIGTERM/SIGINT."""
-    replica = Replica(cfg.store)
+    replica = Replica(cfg.store, cfg.max_nodes)
     app = create_app(cfg, replica, ServeMetrics())
     worker = faust.Worker(app, loglevel=log_level, quiet=True, redirect_stdouts=False)
     try:

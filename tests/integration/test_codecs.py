@@ -29,7 +29,7 @@ from gnaq_stream.kafka_codecs import (CODECS, DEFAULT_MAX_DECOMPRESSED_BYTES, De
                                       DecompressionLimitError, decompress, install_bounded_decoders)
 from gnaq_stream.store.embedding_store import inspect_store
 
-from .conftest import create_topic, wait_until
+from .conftest import consume_all, create_topic, wait_until
 from .test_consume import consume_cmd, encode, ml100k_events
 from .test_serve import Replica
 
@@ -298,3 +298,23 @@ def test_poll_raises_at_a_compression_bomb_until_the_consumer_seeks_past_it(kafk
         assert got == {0: [b"before"] * 3 + [b"after"] * 3, 1: [b"before"] * 3 + [b"after"] * 3}
     finally:
         consumer.close()
+
+
+def test_the_learner_dead_letters_a_compression_bomb_and_reads_on(kafka_broker, data_dir, tmp_path):
+    events = encode(ml100k_events(data_dir, 200))
+    create_topic(kafka_broker.bootstrap, "bomb", partitions=1)
+    produce_compressed(kafka_broker.bootstrap, "bomb", "gzip", values(events[:100]))
+    produce_compressed(kafka_broker.bootstrap, "bomb", "gzip", values([bytes(MIB)] * 5))  # 5 MiB of zeros
+    produce_compressed(kafka_broker.bootstrap, "bomb", "gzip", values(events[100:]))
+    store = tmp_path / "store"
+    proc = subprocess.run(consume_cmd(kafka_broker.bootstrap, "bomb", store, "--max-batch-inflated-bytes",
+                                      str(2 * MIB), "--fetch-max-bytes", str(MIB), "--idle-exit", "5"),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "record batch at offsets 100-104 cannot be decoded" in proc.stderr
+    info = inspect_store(store)
+    assert info["events"] == 200 and info["offsets"] == {"bomb:0": 205}
+    (dead,) = consume_all(kafka_broker.bootstrap, "bomb-dlq", expected=1)
+    headers = dict(dead.headers)
+    assert headers["reason"] == b"undecodable" and headers["offsets"] == b"100-104"
+    assert headers["source"] == b"bomb:0:100" and dead.value == b""

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from gnaq_stream.config import ConsumerConfig, LearnerConfig
-from gnaq_stream.data.events import REJECTION_REASONS
+from gnaq_stream.data.events import DEAD_LETTER_REASONS, REJECTION_REASONS
 from gnaq_stream.store.embedding_store import EmbeddingStore, inspect_store
 from gnaq_stream.stream.learner import StreamLearner
 from gnaq_stream.stream.consumer import StreamConsumer
@@ -168,8 +168,8 @@ def test_malformed_messages_go_to_the_dead_letter_topic(kafka_broker, data_dir, 
     registry = consumer.metrics.registry
     assert registry.get_sample_value("gnaq_events_applied_total") == 500
     assert registry.get_sample_value("gnaq_events_consumed_total") == len(stream)
-    for reason in REJECTION_REASONS:
-        expected = 2 if reason == "invalid_json" else 1
+    for reason in DEAD_LETTER_REASONS:
+        expected = 2 if reason == "invalid_json" else int(reason in REJECTION_REASONS)
         assert registry.get_sample_value("gnaq_events_rejected_total", {"reason": reason}) == expected
     assert inspect_store(tmp_path / "store")["events"] == 500
     dead = consume_all(kafka_broker.bootstrap, "mixed-dlq", expected=len(BAD_MESSAGES) + 1)
