@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from doubles import RecordingProducer
 from kafka import KafkaProducer
 
 from gnaq_stream.config import LearnerConfig
@@ -230,25 +231,6 @@ def test_every_metric_the_dashboard_queries_is_exported(kafka_broker, replicas, 
         learner.send_signal(signal.SIGTERM)
         _, err = learner.communicate(timeout=60)
     assert learner.returncode == 0, err.decode()[-2000:]
-
-
-class _Recorded:
-    is_done, exception = True, None
-
-    def failed(self):
-        return False
-
-
-class RecordingProducer:
-    def __init__(self):
-        self.records: list[tuple[bytes, bytes | None]] = []
-
-    def send(self, topic, key, value, headers=None):
-        self.records.append((key, value))
-        return _Recorded()
-
-    def flush(self, timeout=None):
-        pass
 
 
 def published(events: list[Event], stale_keys: list[bytes] = ()) -> tuple[StreamLearner, list]:

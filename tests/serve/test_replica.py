@@ -5,6 +5,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from doubles import RecordingProducer
 
 from gnaq_stream.config import LearnerConfig
 from gnaq_stream.data.events import Event
@@ -14,27 +15,6 @@ from gnaq_stream.stream.updates import UpdatesPublisher
 from gnaq_stream.updates_format import META_KEY, decode_meta, history_record, meta_record, row_key, row_record
 
 CFG = LearnerConfig(dim=8, bits=2, level_dtype="fp8", refine_steps=1, refine_budget_seconds=60.0)
-
-
-class _Sent:
-    is_done, exception = True, None
-
-    def failed(self):
-        return False
-
-
-class RecordingProducer:
-    """In-memory stand-in for KafkaProducer: keeps what was sent, in order; every send succeeds."""
-
-    def __init__(self):
-        self.records: list[tuple[bytes, bytes | None]] = []
-
-    def send(self, topic, key, value, headers=None):
-        self.records.append((key, value))
-        return _Sent()
-
-    def flush(self, timeout=None):
-        pass
 
 
 def _learner_and_records():
@@ -81,7 +61,7 @@ def test_publisher_sends_every_row_then_only_changed_rows():
     assert producer.records[-1][0] == b"M"
     meta = decode_meta(producer.records[-1][1])
     assert (meta["version"], meta["n_users"], meta["n_items"]) == (learner.version, 5, 7)
-    producer.records.clear()
+    producer.sent.clear()
     assert publisher.publish(learner, np.zeros(0, dtype=np.int64)) == 0 and producer.records == []
     learner.apply_micro_batch([Event("u0", "i_new", 99.0)])
     learner.refresh_final_embeddings(force=True)

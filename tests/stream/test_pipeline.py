@@ -5,6 +5,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from doubles import RecordingProducer
 from kafka.errors import KafkaTimeoutError
 
 from gnaq_stream.config import LearnerConfig
@@ -14,30 +15,6 @@ from gnaq_stream.stream.learner import StreamLearner
 from gnaq_stream.stream.pipeline import DLQ_MAX_VALUE_BYTES, MicroBatchPipeline
 
 CFG = LearnerConfig(dim=8, bits=2, refine_steps=1, prequential_sample=0.0)
-
-
-class _Future:
-    def __init__(self, exception=None):
-        self.is_done, self.exception = True, exception
-
-    def failed(self):
-        return self.exception is not None
-
-
-class Producer:
-    """KafkaProducer double: keeps what was sent; every send fails while `failing`."""
-
-    def __init__(self):
-        self.sent, self.failing = [], False
-
-    def send(self, topic, key=None, value=None, headers=None):
-        if self.failing:
-            return _Future(KafkaTimeoutError("broker away"))
-        self.sent.append((topic, key, value, dict(headers or [])))
-        return _Future()
-
-    def flush(self, timeout=None):
-        pass
 
 
 def record(offset, value, key=None, partition=0):
@@ -54,7 +31,7 @@ def pipeline(tmp_path):
     learner = StreamLearner(CFG)
     store.write(learner.initial_changes())
     pipe = MicroBatchPipeline(learner, store, max_message_bytes=256, max_nodes=3)
-    producer = Producer()
+    producer = RecordingProducer()
     pipe.connect(producer, "t-dlq")
     yield pipe, producer, store
     store.close()
