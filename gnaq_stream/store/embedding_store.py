@@ -14,6 +14,8 @@ Keys (integers big-endian so keys sort by index):
     b"E" + u64 version             the (user, item) index pairs of that micro-batch's events, u32 LE each:
                                    one record per batch, not one key per edge (the write cost is per key)
     b"O" + topic + b"\\0" + u32     i64 LE next offset to read in that partition
+    b"T" + topic                   the topic's id (Kafka topic ID) the offsets refer to: a topic deleted and
+                                   re-created under the same name has another
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class ChangeSet:
     items: NodeRows | None = None
     events: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.uint32))  # (user, item) pairs
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to read per partition
+    topic_ids: dict[str, str] = field(default_factory=dict)  # what the offsets refer to
 
 
 @dataclass
@@ -136,6 +139,10 @@ class EmbeddingStore:
             out[(topic, part)] = _OFFSET.unpack(value)[0]
         return out
 
+    def topic_id(self, topic: str) -> str | None:
+        raw = self.db.get(b"T" + topic.encode())
+        return None if raw is None else raw.decode()
+
     def is_empty(self) -> bool:
         return self.model_meta() is None
 
@@ -167,6 +174,8 @@ class EmbeddingStore:
             wb.put(b"E" + _SEQ.pack(change.state["version"]), np.ascontiguousarray(change.events, dtype="<u4").tobytes())
         for (topic, part), offset in change.offsets.items():
             wb.put(offset_key(topic, part), _OFFSET.pack(offset))
+        for topic, topic_id in change.topic_ids.items():
+            wb.put(b"T" + topic.encode(), topic_id.encode())
         wb.put(b"Mstate", json.dumps(change.state).encode())
         try:
             self.db.write(wb)

@@ -95,7 +95,10 @@ class _Rebalance(ConsumerRebalanceListener):
         self.owner.pending = [r for r in self.owner.pending if TopicPartition(r.topic, r.partition) not in revoked]
 
     def on_partitions_assigned(self, assigned) -> None:
-        self.owner.on_assigned(list(assigned))
+        try:
+            self.owner.on_assigned(list(assigned))
+        except Exception as exc:  # noqa: BLE001 - kafka-python would wrap it in an opaque KafkaError
+            self.owner.failure = exc
 
 
 def _retry(what: str, action: Callable, should_stop: Callable[[], bool], max_backoff: float = 10.0):
@@ -126,6 +129,7 @@ class StreamConsumer:
         self.owns_all = False
         self.waiting_since: float | None = None  # since when an assignment leaves part of the topic to others
         self.unverified: set[TopicPartition] = set()  # positions not yet checked against the log's end
+        self.failure: Exception | None = None  # raised in the rebalance listener, re-raised by the loop
         store = EmbeddingStore(ccfg.store)
         if store.is_empty():
             model = load_checkpoint(ccfg.checkpoint) if ccfg.checkpoint else None
@@ -269,6 +273,8 @@ class StreamConsumer:
             raise
         try:
             self._loop()
+        except KafkaError as exc:  # not retriable (e.g. not authorised): a clear error, not a traceback
+            raise ConsumeError(f"Kafka error the learner cannot recover from: {exc!r}") from None
         finally:
             self.close()
         return self.consumed
@@ -281,6 +287,9 @@ class StreamConsumer:
             if c.max_events:
                 room = min(room, c.max_events - self.consumed - len(self.pending))
             polled = self._poll(room)
+            if self.failure is not None:
+                raise self.failure if isinstance(self.failure, GnaqError) else ConsumeError(
+                    f"partition assignment failed: {self.failure!r}")
             now = time.monotonic()
             self._check_ownership(now)
             for records in polled.values():
@@ -338,7 +347,7 @@ class StreamConsumer:
             return
         consumer.resume(*assigned)
         self.waiting_since = None
-        stored = self.pipeline.store.offsets()
+        stored = self._stored_offsets(c.topic, assigned)
         for tp in sorted(assigned):
             offset = stored.get((tp.topic, tp.partition))
             if offset is not None:
@@ -350,6 +359,23 @@ class StreamConsumer:
                      tp.partition, "beginning" if c.start_offset == "earliest" else "end", c.start_offset)
         self.last_activity = time.monotonic()  # the idle clock starts once there is something to read
         log.info("assigned %s", sorted((tp.partition, stored.get((tp.topic, tp.partition))) for tp in assigned))
+
+    def _stored_offsets(self, topic: str, assigned: list[TopicPartition]) -> dict[tuple[str, int], int]:
+        """The store's offsets, unless they belong to a topic of the same name that has since been
+        deleted and re-created (another topic id): then its partitions restart at their beginning,
+        stored together with the new id."""
+        store = self.pipeline.store
+        # kafka-python exposes topic ids only on its cluster metadata (None from brokers before 2.8)
+        current, before = self.consumer._client.cluster.topic_id(topic), store.topic_id(topic)  # noqa: SLF001
+        if current is not None and before is not None and str(current) != before:
+            log.error("topic %r was deleted and re-created since its offsets were stored (id %s, now %s): its "
+                      "offsets no longer apply; reading it from the beginning", topic, before, current)
+            # offset 0, not the log start: a listener must not block on the broker (kafka-python's IO
+            # thread); a log that no longer starts at 0 is then reported as out of range, and read on
+            self.pipeline.store_positions({(tp.topic, tp.partition): 0 for tp in assigned}, {topic: str(current)})
+        elif current is not None and before is None:
+            self.pipeline.store_positions({}, {topic: str(current)})
+        return store.offsets()
 
     def _owner_text(self) -> str:
         o = self.assignor.owner

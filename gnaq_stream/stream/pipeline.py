@@ -75,8 +75,9 @@ class MicroBatchPipeline:
 
     def process(self, records: Sequence[Record]) -> dict[tuple[str, int], int]:
         """Apply and store one micro-batch; returns the next offset of every partition it read, to be
-        committed. Raises a KafkaError (dead letters not acknowledged) or StoreError (write failed)
-        with nothing applied or stored."""
+        committed. Raises a KafkaError (dead letters not acknowledged) with nothing applied or stored,
+        or StoreError (write failed): nothing stored, but the model in memory is then ahead of the
+        store, so the caller must stop (a restart reloads the store)."""
         start = time.perf_counter()
         m, limit = self.metrics, self.max_message_bytes
         parsed = [_too_large(rec, limit) or parse_event(rec.value, limit) for rec in records]
@@ -133,13 +134,13 @@ class MicroBatchPipeline:
                 headers += [("truncated", b"true"), ("value_bytes", str(len(value)).encode()),
                             ("key_bytes", str(len(key or b"")).encode())]
                 key, value = key and key[:DLQ_MAX_KEY_BYTES], value[:DLQ_MAX_VALUE_BYTES]
-                self.metrics.dlq_truncated.inc()
             records.append((self.dlq_topic, key, value, headers))
         try:
             send_all(self.producer, records)
         except Exception:
             self.metrics.publish_failures.labels("dlq").inc()
             raise
+        self.metrics.dlq_truncated.inc(sum(("truncated", b"true") in headers for *_, headers in records))
 
     def skip(self, topic: str, partition: int, first: int, next_offset: int, detail: str) -> dict[tuple[str, int], int]:
         """A record batch that cannot be decoded (offsets first..next_offset-1): one dead letter
@@ -154,10 +155,17 @@ class MicroBatchPipeline:
             self.metrics.publish_failures.labels("dlq").inc()
             raise
         offsets = {(topic, partition): next_offset}
-        learner = self.learner
-        self.store.write(learner.changes(BatchResult(learner.version, 0), offsets))
+        self.store_positions(offsets, {})
         self.metrics.events_rejected.labels("undecodable").inc()
         return offsets
+
+    def store_positions(self, offsets: dict[tuple[str, int], int], topic_ids: dict[str, str]) -> None:
+        """Store offsets and the ids of the topics they refer to, nothing else (e.g. a re-created topic
+        read from its beginning)."""
+        learner = self.learner
+        change = learner.changes(BatchResult(learner.version, 0), offsets)
+        change.topic_ids = topic_ids
+        self.store.write(change)
 
     # ---- serving rows ---------------------------------------------------------------------------
 
