@@ -79,7 +79,10 @@ class StreamLearner:
     @classmethod
     def from_checkpoint(cls, model: StoredModel, cfg: LearnerConfig) -> "StreamLearner":
         """Start from an offline checkpoint: node k of each kind gets the external id str(k), and the
-        checkpoint's training edges become the graph. A float checkpoint is quantized as GNAQ does."""
+        checkpoint's training edges become the graph. A float checkpoint is quantized as GNAQ does.
+        The learner has no activation, so a checkpoint's (gnaq-paper: tanh) is folded into its levels:
+        tanh acts value by value, so tanh(levels)[codes] = tanh(levels[codes]), rounded to the level
+        dtype like every stored level."""
         cfg = LearnerConfig(**{**cfg.__dict__, "dim": model.dim, "n_layers": model.n_layers,
                                **({"bits": model.bits, "level_dtype": model.level_dtype} if model.bits else {})})
         learner = cls(cfg)
@@ -89,12 +92,15 @@ class StreamLearner:
         if model.edges is not None:
             g.add_interactions(model.edges[:, 0], model.edges[:, 1])
         if model.bits is None:
-            learner.users.append(model.embedding[:model.n_users], 0)
-            learner.items.append(model.embedding[model.n_users:], 0)
+            emb = model.layer0()
+            learner.users.append(emb[:model.n_users], 0)
+            learner.items.append(emb[model.n_users:], 0)
         else:
             nu = model.n_users
-            learner.users.load(model.codes[:nu], model.levels[:nu], np.zeros(nu, dtype=np.int64))
-            learner.items.load(model.codes[nu:], model.levels[nu:], np.zeros(model.n_items, dtype=np.int64))
+            levels = round_levels(torch.tanh(model.levels), model.level_dtype) if model.activation == "tanh" \
+                else model.levels
+            learner.users.load(model.codes[:nu], levels[:nu], np.zeros(nu, dtype=np.int64))
+            learner.items.load(model.codes[nu:], levels[nu:], np.zeros(model.n_items, dtype=np.int64))
         return learner
 
     @classmethod
@@ -227,6 +233,17 @@ class StreamLearner:
                 fresh.append(emb if emb is not None else self._prior(table))
             if fresh:
                 table.append(torch.stack(fresh), self.version)
+
+    @torch.no_grad()
+    def current_final(self, users: np.ndarray, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final embeddings of these nodes as of now, without a full propagation: the context of the
+        last refresh plus each node's current layer-0 share (a node added since is its own
+        neighbourhood-initialised embedding). What refinement trains on, and what a micro-batch
+        publishes for the nodes it touched."""
+        own = torch.cat([self.users.embeddings(users), self.items.embeddings(items)])
+        context, _ = self._context_rows(users, items)
+        final = context + own / (self.cfg.n_layers + 1)
+        return final[:len(users)], final[len(users):]
 
     def _context_rows(self, local_u: np.ndarray, local_i: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(context, neighbour aggregate) rows of these nodes; a node added since the last refresh

@@ -64,7 +64,8 @@ class MicroBatchPipeline:
         self.producer: KafkaProducer | None = None
         self.dlq_topic = ""
         self.updates: UpdatesPublisher | None = None
-        self.pending_users = np.zeros(0, dtype=np.int64)  # users whose history is not yet published
+        self.pending_users = np.zeros(0, dtype=np.int64)  # users whose history and row are not yet published
+        self.pending_items = np.zeros(0, dtype=np.int64)  # new items whose row is not yet published
         self.update_model_metrics()
 
     def connect(self, producer: KafkaProducer, dlq_topic: str, updates: UpdatesPublisher | None = None) -> None:
@@ -94,7 +95,9 @@ class MicroBatchPipeline:
         result = self.learner.apply_micro_batch(events)
         self.store.write(self.learner.changes(result, offsets))
         if self.updates is not None:
+            g = self.learner.graph
             self.pending_users = np.union1d(self.pending_users, result.event_users)
+            self.pending_items = np.union1d(self.pending_items, np.arange(g.n_items - len(result.new_items), g.n_items))
         applied_at = time.time()
         m.events_consumed.inc(len(records))
         m.events_applied.inc(len(events))
@@ -170,21 +173,22 @@ class MicroBatchPipeline:
     # ---- serving rows ---------------------------------------------------------------------------
 
     def publish(self, refresh: bool = False, everyone: bool = False) -> None:
-        """Publish the histories of the users touched since the last publication (`everyone`: all
-        users) and, when the learner propagated since, its changed serving rows; propagation is every
-        `refresh_seconds` at most, or now with `refresh`. Raises a KafkaError if any send failed:
-        nothing is then counted as published, and the next call repeats it."""
+        """Publish the histories and current serving rows of the users touched since the last
+        publication (`everyone`: all users) and the rows of new items; and, when the learner
+        propagated since, everyone's changed serving rows. Propagation is every `refresh_seconds` at
+        most, or now with `refresh`. Raises a KafkaError if any send failed: nothing is then counted
+        as published, and the next call repeats it."""
         if self.updates is None:
             return
         learner = self.learner
         learner.refresh_final_embeddings(force=refresh and learner.final_version != learner.version)
         users = np.arange(learner.graph.n_users) if everyone else self.pending_users
         try:
-            sent = self.updates.publish(learner, users)
+            sent = self.updates.publish(learner, users, self.pending_items)
         except Exception:
             self.metrics.publish_failures.labels("updates").inc()
             raise
-        self.pending_users = np.zeros(0, dtype=np.int64)
+        self.pending_users = self.pending_items = np.zeros(0, dtype=np.int64)
         self.metrics.rows_published.inc(sent)
 
     @property

@@ -28,31 +28,72 @@ class UpdatesPublisher:
         self.published_version = -1
         self.stale_keys = list(stale_keys)  # another model's keys, deleted before this model's first record
 
-    def publish(self, learner: StreamLearner, users: np.ndarray) -> int:
-        """Histories of `users`, then, if the learner propagated since the last call, its changed
-        serving rows and the meta record; all acknowledged or a KafkaError. Returns rows sent."""
+    def publish(self, learner: StreamLearner, users: np.ndarray, items: np.ndarray | None = None) -> int:
+        """Histories of `users`; then, if the learner propagated since the last call, its changed
+        serving rows and the meta record; then the current rows of `users` and `items` (the nodes a
+        micro-batch touched: fresh to their users without waiting for the next propagation), at the
+        learner's version. All acknowledged or a KafkaError. Returns rows sent."""
         records: list[Record] = []
         if self.published_version < 0:  # first publication: retire the old model, announce this one
             records += [(self.topic, key, None, None) for key in self.stale_keys]
             records.append((self.topic, *meta_record(self._meta(learner, -1)), None))
         for u in users.tolist():
-            items = learner.graph.user_items[u]
-            if len(items) > MAX_HISTORY_ITEMS:
+            history = learner.graph.user_items[u]
+            if len(history) > MAX_HISTORY_ITEMS:
                 log.warning("user %s has %d items: only the latest %d are published as the history replicas "
-                            "exclude", learner.graph.users.external[u], len(items), MAX_HISTORY_ITEMS)
-                items = items[-MAX_HISTORY_ITEMS:]
-            records.append((self.topic, *history_record(u, learner.version, items), None))
+                            "exclude", learner.graph.users.external[u], len(history), MAX_HISTORY_ITEMS)
+                history = history[-MAX_HISTORY_ITEMS:]
+            records.append((self.topic, *history_record(u, learner.version, history), None))
         fresh, count = {}, 0
         if learner.final_version != self.published_version:
             fresh, rows = self._rows(learner)
             records += rows
             count = len(rows) - 1
+        held = {**self.sent, **fresh}  # what the replicas hold once the records above arrive
+        touched = self._touched_rows(learner, users, np.zeros(0, dtype=np.int64) if items is None else items, held)
+        for kind, (idx, rows) in touched.items():
+            ids = (learner.graph.users if kind == "user" else learner.graph.items).external
+            for k, i in enumerate(idx.tolist()):
+                records.append((self.topic, *row_record(kind, i, ids[i], learner.version, rows[k].tobytes()), None))
+            count += len(idx)
         send_all(self.producer, records)
         self.stale_keys = []
         if fresh:
-            self.sent.update(fresh)
             self.published_version = learner.final_version
+        self.sent = held
+        for kind, (idx, rows) in touched.items():
+            self._remember(kind, idx, rows)
         return count
+
+    def _touched_rows(self, learner: StreamLearner, users: np.ndarray, items: np.ndarray,
+                      held: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Serving rows of these nodes as of now (`StreamLearner.current_final`) that differ from the
+        rows `held`: kind -> (indices, packed rows)."""
+        if not len(users) and not len(items):
+            return {}
+        final_u, final_i = learner.current_final(users, items)
+        out = {}
+        for kind, idx, final in (("user", users, final_u), ("item", items, final_i)):
+            rows = quantize_rows(final, self.serve_bits, learner.cfg.level_dtype)
+            before = held[kind]
+            changed = np.ones(len(idx), dtype=bool)
+            if before.shape[1] == rows.shape[1]:
+                known = idx < len(before)
+                changed[known] = (before[idx[known]] != rows[known]).any(axis=1)
+            out[kind] = (idx[changed], rows[changed])
+        return out
+
+    def _remember(self, kind: str, idx: np.ndarray, rows: np.ndarray) -> None:
+        """What the replicas now hold for these nodes (compared against at the next publication)."""
+        if not len(idx):
+            return
+        held = self.sent[kind]
+        if held.shape[1] != rows.shape[1]:
+            held = np.zeros((0, rows.shape[1]), dtype=np.uint8)
+        if idx.max() >= len(held):
+            held = np.concatenate([held, np.zeros((idx.max() + 1 - len(held), rows.shape[1]), dtype=np.uint8)])
+        held[idx] = rows
+        self.sent[kind] = held
 
     def _rows(self, learner: StreamLearner) -> tuple[dict[str, np.ndarray], list[Record]]:
         """Changed serving rows of both kinds, then the meta record that completes them."""

@@ -28,7 +28,7 @@ from gnaq_stream.stream.updates import UpdatesPublisher
 from gnaq_stream.updates_format import META_KEY, row_record
 
 from .conftest import GROUP_CONSUMER_KWARGS, create_topic, free_port, produce, wait_until
-from .test_consume import consume_cmd, encode, ml100k_events
+from .test_consume import consume_cmd, encode, events_in_store, ml100k_events
 
 SESSION = str(GROUP_CONSUMER_KWARGS["session_timeout_ms"] / 1000)
 
@@ -296,3 +296,34 @@ def test_readiness_bad_records_a_model_switch_and_no_faust_pages(kafka_broker, r
     assert status == 200 and {row["item"] for row in body["items"]} == {"i1", "j1"}
     for user, expected in (("é" * 256, 404), ("é" * 257, 400)):  # ids of up to 256 characters, as events
         assert replica.get("/recommend/" + urllib.parse.quote(user))[0] == expected
+
+
+def test_a_new_users_first_event_is_served(kafka_broker, replicas, data_dir, tmp_path):
+    events = ml100k_events(data_dir, 1500)
+    create_topic(kafka_broker.bootstrap, "fresh", partitions=1)
+    create_topic(kafka_broker.bootstrap, "fresh-updates", partitions=1)
+    produce(kafka_broker.bootstrap, "fresh", encode(events))
+    (replica,) = replicas("fresh-updates", 1)
+    store = tmp_path / "learner"
+    learner = subprocess.Popen(consume_cmd(kafka_broker.bootstrap, "fresh", store, "--consolidate-ratio", "0",
+                                           "--updates-topic", "fresh-updates"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: events_in_store(store) == 1500, 90, "the backlog stored")
+        wait_until(lambda: replica.health().get("status") == "ok", 90, "the replica ready")
+        version = replica.health()["model_version"]
+        newcomer, known_item = "new-user-1", str(events[0][1])
+        assert replica.get(f"/recommend/{newcomer}?k=5")[0] == 404
+        produce(kafka_broker.bootstrap, "fresh", encode([(newcomer, known_item, 2_000_000_000)]))
+
+        def served():
+            answer = replica.get(f"/recommend/{newcomer}?k=5")
+            return answer if answer[0] == 200 else None
+
+        _, body = wait_until(served, 60, "the new user served")
+        assert body["user_version"] > version and len(body["items"]) == 5
+        assert known_item not in [row["item"] for row in body["items"]]  # its history came with it
+    finally:
+        learner.send_signal(signal.SIGTERM)
+        _, err = learner.communicate(timeout=60)
+    assert learner.returncode == 0, err[-2000:]
