@@ -20,10 +20,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gnaq_stream.errors import CheckpointError, ConfigError
-from gnaq_stream.quant.packing import check_bits, model_size, pack_rows, row_bytes, unpack_rows
+from gnaq_stream.quant.packing import check_row_format, model_size, pack_rows, unpack_rows
 from gnaq_stream.quant.quantizer import dequantize
 
 FORMAT = "gnaq-stream/1"
+ACTIVATIONS = ("none", "tanh")  # applied to the layer-0 embedding (gnaq-paper: tanh of the dequantised values)
 META_FILE, TENSOR_FILE = "model.json", "model.safetensors"
 
 
@@ -51,9 +52,7 @@ class StoredModel:
 
     def layer0(self) -> torch.Tensor:
         """Float32 layer-0 embeddings as the model uses them (dequantised, activation applied)."""
-        if self.bits is None:
-            return self.embedding
-        x = dequantize(self.levels, torch.from_numpy(self.codes))
+        x = self.embedding if self.bits is None else dequantize(self.levels, torch.from_numpy(self.codes))
         return torch.tanh(x) if self.activation == "tanh" else x
 
     def size(self):
@@ -69,6 +68,7 @@ def save_checkpoint(model: StoredModel, out_dir: str | Path) -> Path:
     if model.bits is None:
         tensors = {"embedding": model.embedding.detach().float().contiguous()}
     else:
+        check_row_format(model.dim, model.bits, model.level_dtype)  # never write what loading refuses
         rows = pack_rows(model.codes, model.levels, model.bits, model.level_dtype)
         tensors = {"rows": torch.from_numpy(rows)}
     if model.edges is not None:
@@ -108,6 +108,8 @@ def load_checkpoint(path: str | Path) -> StoredModel:
         tensors = load_file(str(tensor_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{tensor_path}: unreadable ({exc})") from None
+    if model.activation not in ACTIVATIONS:
+        raise CheckpointError(f"{meta_path}: activation must be one of {ACTIVATIONS}, got {model.activation!r}")
     n = model.n_nodes
     try:
         if model.bits is None:
@@ -116,13 +118,12 @@ def load_checkpoint(path: str | Path) -> StoredModel:
                 raise CheckpointError(f"{tensor_path}: expected float32 'embedding' of shape ({n}, {model.dim})")
             model.embedding = emb
         else:
-            check_bits(model.bits)
+            expected = (n, check_row_format(model.dim, model.bits, model.level_dtype))
             rows = tensors.get("rows")
-            expected = (n, row_bytes(model.dim, model.bits, model.level_dtype))
             if rows is None or tuple(rows.shape) != expected or rows.dtype != torch.uint8:
                 raise CheckpointError(f"{tensor_path}: expected uint8 'rows' of shape {expected}")
             model.codes, model.levels = unpack_rows(rows.numpy(), model.dim, model.bits, model.level_dtype)
-    except (ValueError, TypeError, ConfigError) as exc:  # bits or level dtype outside what packing supports
+    except (ValueError, TypeError, ConfigError) as exc:  # a row format packing does not support
         raise CheckpointError(f"{meta_path}: {exc}") from None
     edges = tensors.get("edges")
     if edges is not None:

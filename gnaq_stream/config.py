@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from gnaq_stream.errors import ConfigError
 from gnaq_stream.model.gnaq import method_spec
-from gnaq_stream.quant.packing import check_bits, check_level_dtype
+from gnaq_stream.quant.packing import check_bits, check_level_dtype, check_row_format
 from gnaq_stream.quant.quantizer import check_level_init
 
 
@@ -45,7 +45,8 @@ class TrainConfig:
             raise ConfigError(f"rau_alpha must be in [0, 1], got {self.rau_alpha}")
         check_bits(self.bits)
         check_level_dtype(self.level_dtype)
-        method_spec(self.method)
+        if method_spec(self.method).quantized:
+            check_row_format(self.dim, self.bits, self.level_dtype)
         if self.rau_half_degree < 0:
             raise ConfigError(f"rau_half_degree must be >= 0, got {self.rau_half_degree}")
         check_level_init(self.level_init)
@@ -127,10 +128,11 @@ class LearnerConfig:
     }
 
     def __post_init__(self) -> None:
-        check_bits(self.bits)
-        check_level_dtype(self.level_dtype)
+        if self.dim < 1:
+            raise ConfigError(f"dim must be >= 1, got {self.dim}")
+        check_row_format(self.dim, self.bits, self.level_dtype)  # bits and level dtype checked with it
         if self.serve_bits:
-            check_bits(self.serve_bits)
+            check_row_format(self.dim, self.serve_bits, self.level_dtype)
         if self.refine_steps < 0 or self.refine_max_events < 1 or self.neighbour_samples < 1 or self.n_negatives < 1:
             raise ConfigError("refine_steps must be >= 0, neighbour_samples and n_negatives >= 1")
         if self.consolidate_ratio < 0 or self.consolidate_lr <= 0 or self.consolidate_batch < 1 \

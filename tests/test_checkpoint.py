@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from gnaq_stream.checkpoint import StoredModel, load_checkpoint, save_checkpoint
-from gnaq_stream.errors import CheckpointError
+from safetensors.torch import save_file
+
+from gnaq_stream.checkpoint import FORMAT, StoredModel, load_checkpoint, save_checkpoint
+from gnaq_stream.errors import CheckpointError, ConfigError
+from gnaq_stream.quant.packing import LevelRangeError
 
 
 def _quantized(bits=2):
@@ -59,4 +62,39 @@ def test_metadata_disagreeing_with_tensors(tmp_path):
     meta["dim"], meta["bits"] = 8, 5
     (tmp_path / "model.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="bits must be one of"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_row_not_smaller_than_fp32_is_neither_saved_nor_loaded(tmp_path):
+    rng = np.random.default_rng(0)
+    model = StoredModel(method="gnaq", n_users=1, n_items=1, dim=64, n_layers=3, bits=8, level_dtype="fp8",
+                        codes=rng.integers(0, 256, (2, 64), dtype=np.uint8), levels=torch.zeros(2, 256))
+    with pytest.raises(ConfigError, match="320 bytes per node at dim 64"):
+        save_checkpoint(model, tmp_path)
+    # one written by an older version, before 8 bits at dim 64 was refused
+    save_file({"rows": torch.zeros(2, 320, dtype=torch.uint8)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.json").write_text(json.dumps({"format": FORMAT, "method": "gnaq", "n_users": 1, "n_items": 1,
+                                                     "dim": 64, "n_layers": 3, "bits": 8, "level_dtype": "fp8"}))
+    with pytest.raises(CheckpointError, match="320 bytes per node at dim 64, not less than float32's 256"):
+        load_checkpoint(tmp_path)
+
+
+def test_levels_the_dtype_cannot_hold_are_not_saved(tmp_path):
+    model = _quantized()
+    model.levels[3, 1] = 1e5  # beyond fp16
+    with pytest.raises(LevelRangeError, match="levels of 1 of 5 rows do not fit fp16"):
+        save_checkpoint(model, tmp_path)
+
+
+def test_the_activation_is_stored_and_applied(tmp_path):
+    model = _quantized()
+    model.method, model.activation = "gnaq-paper", "tanh"
+    save_checkpoint(model, tmp_path)
+    back = load_checkpoint(tmp_path)
+    assert back.activation == "tanh"
+    torch.testing.assert_close(back.layer0(), torch.tanh(back.levels.gather(1, torch.from_numpy(back.codes).long())))
+    meta = json.loads((tmp_path / "model.json").read_text())
+    meta["activation"] = "relu"
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="activation must be one of"):
         load_checkpoint(tmp_path)

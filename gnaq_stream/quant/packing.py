@@ -9,13 +9,14 @@ Row of a node with D dimensions at n bits and 2^n levels:
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from gnaq_stream.errors import ConfigError
+from gnaq_stream.errors import ConfigError, GnaqError
 from gnaq_stream.quant.quantizer import init_from_embedding
 
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
@@ -51,8 +52,44 @@ def row_bytes(dim: int, bits: int, level_dtype: str) -> int:
     return code_bytes(dim, bits) + level_bytes(bits, level_dtype)
 
 
+def check_row_format(dim: int, bits: int, level_dtype: str) -> int:
+    """Row bytes of nodes of `dim` dimensions at `bits` with `level_dtype` levels; a ConfigError when
+    that row is not smaller than the node's float32 embedding (then quantizing only costs accuracy)."""
+    size = row_bytes(dim, check_bits(bits), level_dtype)
+    if size >= 4 * dim:
+        fits_from = next(d for d in itertools.count(dim + 1) if row_bytes(d, bits, level_dtype) < 4 * d)
+        raise ConfigError(f"{bits} bits with {level_dtype} levels take {size} bytes per node at dim {dim}, not less "
+                          f"than float32's {4 * dim}: use fewer bits or smaller levels (or dim >= {fits_from})")
+    return size
+
+
+class LevelRangeError(GnaqError, ValueError):
+    """Levels the level dtype cannot hold: not finite, or beyond its largest value."""
+
+
+def check_levels(levels: torch.Tensor, level_dtype: str) -> None:
+    """Refuse levels `level_dtype` cannot store, where they are stored: fp8 e4m3fn would saturate them
+    at +-448 and fp16 turn them into inf without a word, and NaN would be stored as is. One vectorised
+    pass when they fit (aminmax: ~1/10 of the dtype conversion itself; NaN compares false)."""
+    levels = levels.detach()
+    limit = torch.finfo(check_level_dtype(level_dtype)).max
+    if levels.numel() == 0:
+        return
+    lo, hi = torch.aminmax(levels)
+    if -limit <= float(lo) and float(hi) <= limit:
+        return
+    finite = torch.isfinite(levels)
+    largest = float(levels[finite].abs().max()) if bool(finite.any()) else float("nan")
+    bad_rows = int((~(levels.abs() <= limit)).reshape(len(levels), -1).any(1).sum())
+    raise LevelRangeError(f"levels of {bad_rows} of {len(levels)} rows do not fit {level_dtype} "
+                          f"(|level| <= {limit:g}): {int((~finite).sum())} not finite, largest finite |level| "
+                          f"{largest:.4g}")
+
+
 def round_levels(levels: torch.Tensor, level_dtype: str) -> torch.Tensor:
-    """Levels as they come back from storage in `level_dtype`, as float32."""
+    """Levels as they come back from storage in `level_dtype`, as float32; a LevelRangeError for
+    levels it cannot hold."""
+    check_levels(levels, level_dtype)
     return levels.detach().to(check_level_dtype(level_dtype)).to(torch.float32)
 
 
@@ -65,6 +102,7 @@ def pack_rows(codes: np.ndarray, levels: torch.Tensor, bits: int, level_dtype: s
         raise ValueError(f"levels shape {tuple(levels.shape)} does not match {n} nodes at {bits} bits")
     if codes.size and int(codes.max()) >= (1 << bits):
         raise ValueError(f"codes exceed {bits} bits")
+    check_levels(levels, level_dtype)
     bit_planes = (codes[:, :, None] >> np.arange(bits, dtype=np.uint8)) & 1
     packed_codes = np.packbits(bit_planes.reshape(n, dim * bits), axis=1, bitorder="little")
     stored = levels.detach().to(check_level_dtype(level_dtype)).contiguous()

@@ -1,10 +1,16 @@
+import itertools
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from gnaq_stream.errors import ConfigError
-from gnaq_stream.quant.packing import (SUPPORTED_BITS, code_bytes, model_size, pack_rows, round_levels, row_bytes,
-                                       unpack_rows)
+from gnaq_stream.quant.packing import (LEVEL_DTYPES, SUPPORTED_BITS, LevelRangeError, check_row_format, code_bytes,
+                                       model_size, pack_rows, round_levels, row_bytes, unpack_rows)
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
@@ -57,3 +63,70 @@ def test_bad_bits_and_codes_rejected():
         pack_rows(np.full((1, 4), 4, np.uint8), torch.zeros(1, 4), 2, "fp8")
     with pytest.raises(ValueError):
         unpack_rows(np.zeros((1, 3), np.uint8), 64, 2, "fp8")
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("level_dtype", list(LEVEL_DTYPES))
+@pytest.mark.parametrize("dim", [1, 4, 16, 64, 85, 86, 128, 512])
+def test_a_row_format_is_accepted_only_when_smaller_than_fp32(bits, level_dtype, dim):
+    size = row_bytes(dim, bits, level_dtype)
+    if size < 4 * dim:
+        assert check_row_format(dim, bits, level_dtype) == size
+    else:
+        with pytest.raises(ConfigError, match=f"take {size} bytes per node at dim {dim}, not less than float32's "
+                                              f"{4 * dim}"):
+            check_row_format(dim, bits, level_dtype)
+
+
+def test_eight_bits_needs_a_wide_enough_row():
+    with pytest.raises(ConfigError, match=r"8 bits with fp8 levels take 320 bytes .* \(or dim >= 86\)"):
+        check_row_format(64, 8, "fp8")
+    assert check_row_format(86, 8, "fp8") == 86 + 256 < 4 * 86
+
+
+def _bytes_table(dim: int) -> str:
+    """The README's table of bytes per node, from row_bytes (compression against float32 in brackets)."""
+    lines = ["| bits | " + " | ".join(f"{name} levels" for name in LEVEL_DTYPES) + " |",
+             "|---" * (len(LEVEL_DTYPES) + 1) + "|"]
+    for bits in SUPPORTED_BITS:
+        cells = []
+        for name in LEVEL_DTYPES:
+            size = row_bytes(dim, bits, name)
+            smallest = next(d for d in itertools.count(1) if row_bytes(d, bits, name) < 4 * d)
+            fits = size < 4 * dim
+            cells.append(f"{size} ({4 * dim / size:.1f}x)" if fits else f"{size}: refused below dim {smallest}")
+        lines.append(f"| {bits} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def test_readme_lists_the_bytes_per_node_of_every_combination():
+    expected = _bytes_table(64)
+    readme = README.read_text()
+    assert expected in readme, f"README's bytes-per-node table is not what row_bytes gives; it should read:\n{expected}"
+
+
+@pytest.mark.parametrize("level_dtype,limit", [("fp8", 448.0), ("fp16", 65504.0)])
+def test_levels_beyond_the_dtype_are_an_error_not_a_saturated_value(level_dtype, limit):
+    codes = np.zeros((3, 4), np.uint8)
+    levels = torch.tensor([[-limit, 0.0, 1.0, limit]] * 3)
+    unpacked = unpack_rows(pack_rows(codes, levels, 2, level_dtype), 4, 2, level_dtype)[1]
+    torch.testing.assert_close(unpacked, levels, rtol=0, atol=0)  # the limit itself is held exactly
+    levels[1, 2] = -1.5 * limit
+    levels[2, 0] = 2 * limit
+    message = re.escape(f"levels of 2 of 3 rows do not fit {level_dtype} (|level| <= {limit:g}): 0 not finite, "
+                        f"largest finite |level| {2 * limit:.4g}")
+    with pytest.raises(LevelRangeError, match=message):
+        pack_rows(codes, levels, 2, level_dtype)
+    with pytest.raises(LevelRangeError, match=message):
+        round_levels(levels, level_dtype)
+
+
+@pytest.mark.parametrize("level_dtype", list(LEVEL_DTYPES))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_levels_are_an_error(level_dtype, bad):
+    levels = torch.zeros(2, 4)
+    levels[0, 1] = bad
+    with pytest.raises(LevelRangeError, match="levels of 1 of 2 rows .*: 1 not finite, largest finite .level. 0"):
+        pack_rows(np.zeros((2, 3), np.uint8), levels, 2, level_dtype)
+    with pytest.raises(ValueError):  # a ValueError like every other malformed input of pack_rows
+        round_levels(levels, level_dtype)

@@ -2,9 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from gnaq_stream.checkpoint import StoredModel
+from gnaq_stream.checkpoint import StoredModel, load_checkpoint, save_checkpoint
 from gnaq_stream.config import LearnerConfig
 from gnaq_stream.data.events import Event
+from gnaq_stream.errors import ConfigError
+from gnaq_stream.model.lightgcn import propagate
+from gnaq_stream.quant.packing import LevelRangeError
 from gnaq_stream.quant.quantizer import init_from_embedding
 from gnaq_stream.stream.learner import StreamLearner
 from gnaq_stream.stream.prequential import ITEM_BLOCK, PrequentialEvaluator, item_ranks
@@ -27,6 +30,44 @@ def test_from_checkpoint_keeps_graph_and_quantizes_like_offline():
     levels, codes = init_from_embedding(ck.embedding[:2], 2)
     assert torch.equal(learner.users.codes[:2], codes)
     torch.testing.assert_close(learner.users.levels[:2], levels)
+
+
+@pytest.mark.parametrize("level_dtype,tolerance", [("fp32", 1e-6), ("fp8", 1 / 16)])
+def test_a_tanh_checkpoint_streams_with_its_tanh(tmp_path, level_dtype, tolerance):
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 4, (5, 8), generator=gen, dtype=torch.uint8).numpy()
+    levels = torch.linspace(-2.0, 2.0, 4).repeat(5, 1) * torch.rand(5, 1, generator=gen)  # where tanh bends
+    save_checkpoint(StoredModel(method="gnaq-paper", n_users=2, n_items=3, dim=8, n_layers=2, bits=2,
+                                level_dtype=level_dtype, activation="tanh", codes=codes, levels=levels,
+                                edges=np.array([[0, 0], [0, 1], [1, 2]])), tmp_path)
+    ck = load_checkpoint(tmp_path)
+    learner = StreamLearner.from_checkpoint(ck, CFG)
+    error = (torch.cat([learner.users.embeddings(), learner.items.embeddings()]) - ck.layer0()).abs().max()
+    assert error <= tolerance * ck.layer0().abs().max()
+    without_tanh = ck.levels.gather(1, torch.from_numpy(ck.codes).long())
+    assert error < 0.1 * (without_tanh - ck.layer0()).abs().max()
+    learner.refresh_final_embeddings(force=True)
+    final = propagate(learner.graph.normalized_adjacency(), ck.layer0(), 2)
+    assert (torch.cat([learner.final_users, learner.final_items]) - final).abs().max() <= tolerance * final.abs().max()
+
+
+def test_learner_rows_must_be_smaller_than_fp32():
+    with pytest.raises(ConfigError, match="320 bytes per node at dim 64"):
+        LearnerConfig(bits=8)
+    with pytest.raises(ConfigError, match="576 bytes per node at dim 64"):
+        LearnerConfig(level_dtype="fp16", serve_bits=8)
+    assert LearnerConfig(dim=128, serve_bits=8).serve_bits == 8  # 128 + 256 bytes < 512
+    model = StoredModel(method="gnaq", n_users=1, n_items=1, dim=64, n_layers=3, bits=8, level_dtype="fp8",
+                        codes=np.zeros((2, 64), np.uint8), levels=torch.zeros(2, 256))
+    with pytest.raises(ConfigError, match="not less than float32's 256"):
+        StreamLearner.from_checkpoint(model, CFG)
+
+
+def test_levels_refinement_pushes_beyond_fp8_stop_the_batch_with_an_error():
+    cfg = LearnerConfig(**{**CFG.__dict__, "level_dtype": "fp8", "refine_lr": 1000.0})
+    learner = StreamLearner.from_checkpoint(_checkpoint(), cfg)
+    with pytest.raises(LevelRangeError, match="do not fit fp8"):
+        learner.apply_micro_batch([Event("0", "2", 1.0)])
 
 
 def test_new_user_embedding_is_mean_of_one_and_two_hop_neighbours():
