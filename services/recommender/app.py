@@ -81,26 +81,37 @@ def create_app(cfg: ServeConfig, replica: Replica, metrics: ServeMetrics) -> fau
 
     @app.agent(updates)
     async def follow(stream):
-        async for event in stream.events():
-            message = event.message
-            try:
+        # records in batches: faust's per-event path and a store write per record held a replica to
+        # ~3k records/s; a batch is applied between requests like one record (one event loop)
+        async for events in stream.take_events(4096, within=0.05):
+            records, sources = [], []
+            for event in events:
+                message = event.message
                 if message.partition != 0:  # "complete up to this meta record" holds within one partition only
-                    raise RejectedUpdate("partition", "the updates topic has more than one partition; only "
-                                         "partition 0 is read (the learner publishes to a one-partition topic)")
-                fresh = replica.apply(event.key or b"", event.value)
-            except RejectedUpdate as exc:
-                metrics.updates_rejected.labels(exc.reason).inc()
-                rejected[exc.reason] += 1
-                count = rejected[exc.reason]
-                if count & (count - 1) == 0:  # the 1st, 2nd, 4th, ...: a bad publication cannot flood the log
-                    log.warning("update %s:%d:%d not applied (%s, %d so far): %s", message.topic,
-                                message.partition, message.offset, exc.reason, count, exc)
-            else:
-                (metrics.updates_applied if fresh else metrics.updates_stale).inc()
-            high = app.consumer.highwater(message.tp)
+                    reject(message, RejectedUpdate("partition", "the updates topic has more than one partition; "
+                                                   "only partition 0 is read (the learner publishes to a "
+                                                   "one-partition topic)"))
+                    continue
+                records.append((event.key or b"", event.value))
+                sources.append(message)
+            for message, outcome in zip(sources, replica.apply_many(records)):
+                if isinstance(outcome, RejectedUpdate):
+                    reject(message, outcome)
+                else:
+                    (metrics.updates_applied if outcome else metrics.updates_stale).inc()
+            last = events[-1].message
+            high = app.consumer.highwater(last.tp)
             if high is not None:
-                metrics.updates_lag.labels(str(message.partition)).set(max(high - message.offset - 1, 0))
+                metrics.updates_lag.labels(str(last.partition)).set(max(high - last.offset - 1, 0))
             refresh_gauges()
+
+    def reject(message, exc: RejectedUpdate) -> None:
+        metrics.updates_rejected.labels(exc.reason).inc()
+        rejected[exc.reason] += 1
+        count = rejected[exc.reason]
+        if count & (count - 1) == 0:  # the 1st, 2nd, 4th, ...: a bad publication cannot flood the log
+            log.warning("update %s:%d:%d not applied (%s, %d so far): %s", message.topic, message.partition,
+                        message.offset, exc.reason, count, exc)
 
     def answer(web, endpoint: str, started: float, body: dict, status: int = 200):
         metrics.requests.labels(endpoint, str(status)).inc()
