@@ -64,8 +64,9 @@ class MicroBatchPipeline:
         self.producer: KafkaProducer | None = None
         self.dlq_topic = ""
         self.updates: UpdatesPublisher | None = None
-        self.pending_users = np.zeros(0, dtype=np.int64)  # users whose history and row are not yet published
-        self.pending_items = np.zeros(0, dtype=np.int64)  # new items whose row is not yet published
+        self.pending_users = np.zeros(0, dtype=np.int64)  # users whose history is not yet published
+        # nodes added since the last publication: their rows go out with the next one (not 404)
+        self.new_users = self.new_items = np.zeros(0, dtype=np.int64)
         self.update_model_metrics()
 
     def connect(self, producer: KafkaProducer, dlq_topic: str, updates: UpdatesPublisher | None = None) -> None:
@@ -97,7 +98,8 @@ class MicroBatchPipeline:
         if self.updates is not None:
             g = self.learner.graph
             self.pending_users = np.union1d(self.pending_users, result.event_users)
-            self.pending_items = np.union1d(self.pending_items, np.arange(g.n_items - len(result.new_items), g.n_items))
+            self.new_users = np.union1d(self.new_users, np.arange(g.n_users - len(result.new_users), g.n_users))
+            self.new_items = np.union1d(self.new_items, np.arange(g.n_items - len(result.new_items), g.n_items))
         applied_at = time.time()
         m.events_consumed.inc(len(records))
         m.events_applied.inc(len(events))
@@ -173,22 +175,26 @@ class MicroBatchPipeline:
     # ---- serving rows ---------------------------------------------------------------------------
 
     def publish(self, refresh: bool = False, everyone: bool = False) -> None:
-        """Publish the histories and current serving rows of the users touched since the last
-        publication (`everyone`: all users) and the rows of new items; and, when the learner
+        """Publish the histories of the users touched since the last publication (`everyone`: all
+        users) and the current serving rows of the nodes added since; and, when the learner
         propagated since, everyone's changed serving rows. Propagation is every `refresh_seconds` at
         most, or now with `refresh`. Raises a KafkaError if any send failed: nothing is then counted
-        as published, and the next call repeats it."""
+        as published, and the next call repeats it.
+
+        Only new nodes' rows go out per batch: rows of every touched user cost the learner most of
+        its rate at 20,000 events/s on ml-1m, where a batch touches most users (docs/benchmarks.md,
+        "Freshness"); an existing user's row waits for the next propagation, their history does not."""
         if self.updates is None:
             return
         learner = self.learner
         learner.refresh_final_embeddings(force=refresh and learner.final_version != learner.version)
         users = np.arange(learner.graph.n_users) if everyone else self.pending_users
         try:
-            sent = self.updates.publish(learner, users, self.pending_items)
+            sent = self.updates.publish(learner, users, (self.new_users, self.new_items))
         except Exception:
             self.metrics.publish_failures.labels("updates").inc()
             raise
-        self.pending_users = self.pending_items = np.zeros(0, dtype=np.int64)
+        self.pending_users = self.new_users = self.new_items = np.zeros(0, dtype=np.int64)
         self.metrics.rows_published.inc(sent)
 
     @property

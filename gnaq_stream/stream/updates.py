@@ -28,11 +28,12 @@ class UpdatesPublisher:
         self.published_version = -1
         self.stale_keys = list(stale_keys)  # another model's keys, deleted before this model's first record
 
-    def publish(self, learner: StreamLearner, users: np.ndarray, items: np.ndarray | None = None) -> int:
+    def publish(self, learner: StreamLearner, users: np.ndarray, new_nodes: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> int:
         """Histories of `users`; then, if the learner propagated since the last call, its changed
-        serving rows and the meta record; then the current rows of `users` and `items` (the nodes a
-        micro-batch touched: fresh to their users without waiting for the next propagation), at the
-        learner's version. All acknowledged or a KafkaError. Returns rows sent."""
+        serving rows and the meta record; then the current rows of `new_nodes` (users, items added
+        since the last call: answered without waiting for the next propagation), at the learner's
+        version. All acknowledged or a KafkaError. Returns rows sent."""
         records: list[Record] = []
         if self.published_version < 0:  # first publication: retire the old model, announce this one
             records += [(self.topic, key, None, None) for key in self.stale_keys]
@@ -50,7 +51,8 @@ class UpdatesPublisher:
             records += rows
             count = len(rows) - 1
         held = {**self.sent, **fresh}  # what the replicas hold once the records above arrive
-        touched = self._touched_rows(learner, users, np.zeros(0, dtype=np.int64) if items is None else items, held)
+        none = np.zeros(0, dtype=np.int64)
+        touched = self._touched_rows(learner, *(new_nodes or (none, none)), held)
         for kind, (idx, rows) in touched.items():
             ids = (learner.graph.users if kind == "user" else learner.graph.items).external
             for k, i in enumerate(idx.tolist()):

@@ -342,18 +342,19 @@ def test_memory_estimate_grows_with_users_and_matches_what_python_allocates(tmp_
     replica.close()
 
 
-def test_a_micro_batch_publishes_the_rows_of_its_users_and_new_items_without_a_propagation(tmp_path):
+def test_a_micro_batch_publishes_the_rows_of_its_new_users_and_items_without_a_propagation(tmp_path):
     learner, publisher, producer, _ = _learner_and_records()
     final_version, first = learner.final_version, producer.records
     producer.sent.clear()
     learner.apply_micro_batch([Event("u-new", "i-new", 100.0), Event("u1", "i0", 101.0)])
     assert learner.final_version == final_version  # no propagation since the last publication
     users = np.array([learner.graph.users.get("u-new"), learner.graph.users.get("u1")])
-    items = np.array([learner.graph.items.get("i-new")])
-    publisher.publish(learner, users, items)
+    publisher.publish(learner, users, (users[:1], np.array([learner.graph.items.get("i-new")])))
     keys = [k for k, _ in producer.records]
     assert b"M" not in keys  # not a full publication
-    assert b"U" + (5).to_bytes(4, "big") + b"u-new" in keys and b"I" + (7).to_bytes(4, "big") + b"i-new" in keys
+    assert [k for k in keys if k[:1] in b"UI"] == [b"U" + (5).to_bytes(4, "big") + b"u-new",
+                                                   b"I" + (7).to_bytes(4, "big") + b"i-new"]
+    assert b"H" + (1).to_bytes(4, "big") in keys  # an existing user's history goes out with the batch
     replica = Replica(tmp_path / "r")
     for key, value in first + producer.records:  # the model as first published, then the batch's records
         replica.apply(key, value)
