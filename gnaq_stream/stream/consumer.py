@@ -316,10 +316,7 @@ class StreamConsumer:
         if self.pending:  # a stop finishes the current micro-batch when it can
             self._process(self.pending)
             self.pending = []
-        try:
-            self._publish(refresh=True)
-        except KafkaError as exc:
-            log.warning("final publication not sent (%r); the next start republishes everything", exc)
+        self._publish(refresh=True)  # if it fails, the next start republishes everything
 
     def close(self) -> None:
         if self.consumer is not None:
