@@ -361,3 +361,16 @@ def test_a_micro_batch_publishes_the_rows_of_its_new_users_and_items_without_a_p
     answer = replica.recommend("u-new", 3)
     assert answer["user_version"] == learner.version and "i-new" not in [r["item"] for r in answer["items"]]
     replica.close()
+
+
+def test_a_history_too_long_for_one_kafka_request_is_cut_to_its_latest_items(monkeypatch):
+    from gnaq_stream.stream import updates
+
+    monkeypatch.setattr(updates, "MAX_HISTORY_ITEMS", 3)
+    learner, publisher, producer, _ = _learner_and_records()
+    producer.sent.clear()
+    learner.apply_micro_batch([Event("u0", f"extra{k}", 200.0 + k) for k in range(5)])
+    publisher.publish(learner, np.array([0]))
+    (value,) = [v for k, v in producer.records if k == b"H" + (0).to_bytes(4, "big")]
+    held = np.frombuffer(value[8:], dtype="<u4").tolist()
+    assert held == learner.graph.user_items[0][-3:] and len(learner.graph.user_items[0]) > 3

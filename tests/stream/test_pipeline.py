@@ -114,3 +114,37 @@ def test_the_sole_owner_assignor_gives_every_partition_to_the_first_member():
     follower = SoleOwnerAssignor({"model_id": "b"})
     follower.on_assignment(assignment["b"], 1)
     assert follower.owner["model_id"] == "a"
+
+
+def test_offsets_deleted_before_they_were_read_are_an_error_and_a_count_not_a_silent_skip(tmp_path, caplog):
+    # a real broker that deletes records (retention, DeleteRecords) is not available here (Tansu has
+    # neither), so the Kafka consumer is a double raising what kafka-python raises for such an offset
+    from kafka.errors import OffsetOutOfRangeError
+    from kafka.structs import TopicPartition
+
+    from gnaq_stream.config import ConsumerConfig
+    from gnaq_stream.stream.consumer import StreamConsumer
+
+    tp = TopicPartition("t", 0)
+
+    class Consumer:
+        seeks = []
+
+        def poll(self, timeout_ms, max_records):
+            raise OffsetOutOfRangeError({tp: 40})
+
+        def beginning_offsets(self, partitions):
+            return {tp: 100}
+
+        def seek(self, partition, offset):
+            self.seeks.append((partition, offset))
+
+    consumer = StreamConsumer(ConsumerConfig(store=str(tmp_path / "store")), CFG)
+    consumer.consumer = Consumer()
+    try:
+        assert consumer._poll(10) == {}
+    finally:
+        consumer.pipeline.store.close()
+    assert Consumer.seeks == [(tp, 100)]
+    assert consumer.metrics.registry.get_sample_value("gnaq_events_skipped_total", {"partition": "0"}) == 60
+    assert "offset 40 is out of range (log starts at 100)" in caplog.text and "60 offsets never read" in caplog.text
