@@ -34,7 +34,7 @@ from _report import write_section  # noqa: E402
 from stream_throughput import events_of, produce, raw_ceiling, start_broker  # noqa: E402
 
 from gnaq_stream.checkpoint import load_checkpoint  # noqa: E402
-from gnaq_stream.config import LearnerConfig  # noqa: E402
+from gnaq_stream.config import ConsumerConfig, LearnerConfig  # noqa: E402
 from gnaq_stream.store.embedding_store import EmbeddingStore  # noqa: E402
 from gnaq_stream.stream.learner import StreamLearner  # noqa: E402
 from gnaq_stream.stream.pipeline import MicroBatchPipeline  # noqa: E402
