@@ -140,12 +140,15 @@ class MicroBatchPipeline:
                             ("key_bytes", str(len(key or b"")).encode())]
                 key, value = key and key[:DLQ_MAX_KEY_BYTES], value[:DLQ_MAX_VALUE_BYTES]
             records.append((self.dlq_topic, key, value, headers))
+        self._send_dead_letters(records)
+        self.metrics.dlq_truncated.inc(sum(("truncated", b"true") in headers for *_, headers in records))
+
+    def _send_dead_letters(self, records: list) -> None:
         try:
             send_all(self.producer, records)
         except Exception:
             self.metrics.publish_failures.labels("dlq").inc()
             raise
-        self.metrics.dlq_truncated.inc(sum(("truncated", b"true") in headers for *_, headers in records))
 
     def skip(self, topic: str, partition: int, first: int, next_offset: int, detail: str) -> dict[tuple[str, int], int]:
         """A record batch that cannot be decoded (offsets first..next_offset-1): one dead letter
@@ -154,11 +157,7 @@ class MicroBatchPipeline:
         record = (self.dlq_topic, None, b"", [("reason", b"undecodable"), ("detail", detail.encode()),
                                                ("source", f"{topic}:{partition}:{first}".encode()),
                                                ("offsets", f"{first}-{next_offset - 1}".encode())])
-        try:
-            send_all(self.producer, [record])
-        except Exception:
-            self.metrics.publish_failures.labels("dlq").inc()
-            raise
+        self._send_dead_letters([record])
         offsets = {(topic, partition): next_offset}
         self.store_positions(offsets, {})
         self.metrics.events_rejected.labels("undecodable").inc()

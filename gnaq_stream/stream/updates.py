@@ -54,9 +54,7 @@ class UpdatesPublisher:
         none = np.zeros(0, dtype=np.int64)
         touched = self._touched_rows(learner, *(new_nodes or (none, none)), held)
         for kind, (idx, rows) in touched.items():
-            ids = (learner.graph.users if kind == "user" else learner.graph.items).external
-            for k, i in enumerate(idx.tolist()):
-                records.append((self.topic, *row_record(kind, i, ids[i], learner.version, rows[k].tobytes()), None))
+            records += self._row_records(learner, kind, idx, rows, learner.version)
             count += len(idx)
         send_all(self.producer, records)
         self.stale_keys = []
@@ -77,11 +75,7 @@ class UpdatesPublisher:
         out = {}
         for kind, idx, final in (("user", users, final_u), ("item", items, final_i)):
             rows = quantize_rows(final, self.serve_bits, learner.cfg.level_dtype)
-            before = held[kind]
-            changed = np.ones(len(idx), dtype=bool)
-            if before.shape[1] == rows.shape[1]:
-                known = idx < len(before)
-                changed[known] = (before[idx[known]] != rows[known]).any(axis=1)
+            changed = _changed(held[kind], idx, rows)
             out[kind] = (idx[changed], rows[changed])
         return out
 
@@ -99,24 +93,31 @@ class UpdatesPublisher:
 
     def _rows(self, learner: StreamLearner) -> tuple[dict[str, np.ndarray], list[Record]]:
         """Changed serving rows of both kinds, then the meta record that completes them."""
-        cfg, g = learner.cfg, learner.graph
         fresh, records = {}, []
-        for kind, final, ids in (("user", learner.final_users, g.users.external),
-                                 ("item", learner.final_items, g.items.external)):
-            rows = quantize_rows(final, self.serve_bits, cfg.level_dtype)
-            before = self.sent[kind]
-            changed = np.ones(len(rows), dtype=bool)
-            if before.shape[1] == rows.shape[1]:
-                common = min(len(before), len(rows))
-                changed[:common] = (before[:common] != rows[:common]).any(axis=1)
-            for idx in np.flatnonzero(changed).tolist():
-                records.append((self.topic, *row_record(kind, idx, ids[idx], learner.final_version,
-                                                        rows[idx].tobytes()), None))
+        for kind, final in (("user", learner.final_users), ("item", learner.final_items)):
+            rows = quantize_rows(final, self.serve_bits, learner.cfg.level_dtype)
+            idx = np.flatnonzero(_changed(self.sent[kind], np.arange(len(rows)), rows))
+            records += self._row_records(learner, kind, idx, rows[idx], learner.final_version)
             fresh[kind] = rows
         records.append((self.topic, *meta_record(self._meta(learner, learner.final_version)), None))
         return fresh, records
+
+    def _row_records(self, learner: StreamLearner, kind: str, idx: np.ndarray, rows: np.ndarray,
+                     version: int) -> list[Record]:
+        ids = (learner.graph.users if kind == "user" else learner.graph.items).external
+        return [(self.topic, *row_record(kind, i, ids[i], version, row.tobytes()), None)
+                for i, row in zip(idx.tolist(), rows)]
 
     def _meta(self, learner: StreamLearner, version: int) -> dict:
         cfg = learner.cfg
         return {"model_id": learner.model_id, "dim": cfg.dim, "bits": self.serve_bits, "level_dtype": cfg.level_dtype,
                 "version": version, "n_users": len(learner.final_users), "n_items": len(learner.final_items)}
+
+
+def _changed(held: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Which of the nodes `idx` have `rows` other than the ones `held` (all, if held has another width)."""
+    changed = np.ones(len(idx), dtype=bool)
+    if held.shape[1] == rows.shape[1]:
+        known = idx < len(held)
+        changed[known] = (held[idx[known]] != rows[known]).any(axis=1)
+    return changed

@@ -232,7 +232,7 @@ def test_an_index_beyond_the_cap_is_rejected_and_never_allocated(tmp_path):
     meta = dict(decode_meta(records[-1][1]), version=10**6, n_users=1001)
     assert _rejected(replica, *meta_record(meta)) == "index"
     assert replica.memory_bytes == memory and replica.ready
-    default = Replica(tmp_path / "default")  # 1 << 26 nodes per kind
+    default = Replica(tmp_path / "default")  # ServeConfig.max_nodes (1 << 24) per kind
     assert _rejected(default, *row_record("user", 2**32 - 1, "x", 1, row)) == "index"
     assert default.memory_bytes < 1 << 20
     replica.close()
