@@ -92,8 +92,7 @@ def events(dataset: str, data_dir: str | None, n: int, seed: int) -> list[tuple[
 def stored_pairs(store: Path) -> Counter:
     with EmbeddingStore(store, read_only=True) as s:
         g = StreamLearner.from_state(s.load(LearnerConfig())).graph
-    return Counter({(int(g.users.external[k >> 32]), int(g.items.external[k & 0xFFFFFFFF])): c
-                    for k, c in g.edge_events.items()})
+    return Counter({(int(u), int(i)): c for (u, i), c in g.event_counts().items()})
 
 
 def main() -> None:

@@ -96,7 +96,11 @@ class LearnerConfig:
     consolidate_after_idle_seconds: float = 2.0
     prequential_sample: float = 0.02
     prequential_window: int = 5000
+    # item scores per event at most, on average: bounds scoring's cost per event on any catalogue
+    # (binds above 100k items at the default sample; gowalla, yelp2018, amazon-book are below)
+    prequential_max_scores: int = 2000
     refresh_seconds: float = 10.0
+    refresh_max_share: float = 0.25  # of wall time: a slower propagation runs less often than refresh_seconds
     serve_bits: int = 0  # bits of the published serving rows; 0 = the model's bits
     seed: int = 2025
 
@@ -122,7 +126,11 @@ class LearnerConfig:
         "consolidate_after_idle_seconds": "consolidate only after this long without a message",
         "prequential_sample": "share of events scored before they are learned (the accuracy gauges)",
         "prequential_window": "scored events the accuracy gauges average over",
+        "prequential_max_scores": "item scores per event at most, on average: on a larger catalogue fewer events "
+                                  "are scored (0 = no bound)",
         "refresh_seconds": "full-graph propagation (and serving-row publication) at most this often",
+        "refresh_max_share": "share of wall time the full-graph propagation may take: a propagation taking t "
+                             "seconds waits at least t / share before the next",
         "serve_bits": "bits of the published serving rows (0 = the model's bits)",
         "seed": "random seed of sampling and initialisation",
     }
@@ -139,8 +147,11 @@ class LearnerConfig:
                 or self.consolidate_slice_seconds <= 0 or self.consolidate_after_idle_seconds < 0:
             raise ConfigError("consolidate_ratio and _after_idle_seconds must be >= 0, consolidate_lr, _batch and "
                               "_slice_seconds > 0")
-        if not 0.0 <= self.prequential_sample <= 1.0:
-            raise ConfigError(f"prequential_sample must be in [0, 1], got {self.prequential_sample}")
+        if not 0.0 < self.refresh_max_share <= 1.0:
+            raise ConfigError(f"refresh_max_share must be in (0, 1], got {self.refresh_max_share}")
+        if not 0.0 <= self.prequential_sample <= 1.0 or self.prequential_max_scores < 0:
+            raise ConfigError(f"prequential_sample must be in [0, 1] and prequential_max_scores >= 0, got "
+                              f"{self.prequential_sample} and {self.prequential_max_scores}")
 
 
 @dataclass(frozen=True)
@@ -170,6 +181,9 @@ class ConsumerConfig:
     metadata_max_age_ms: int = 30000  # how soon partitions added to the topic are noticed
     replication_factor: int = 1  # of the topics the learner creates (dead-letter, updates)
     max_batch_inflated_bytes: int = 64 * 1024 * 1024  # a compressed record batch may inflate to this at most
+    # the store's graph snapshot is renewed once the log since it holds max(this, edges) events: a
+    # restart then reads at most about twice the graph, and snapshots cost O(1) per event
+    snapshot_min_events: int = 1_000_000
 
     HELP: ClassVar[dict[str, str]] = {
         "bootstrap_servers": "Kafka brokers, host:port[,host:port...]",
@@ -198,6 +212,8 @@ class ConsumerConfig:
         "replication_factor": "replication factor of the topics the learner creates",
         "max_batch_inflated_bytes": "a compressed record batch inflating beyond this (a compression bomb) goes to "
                                     "the dead-letter topic as one 'undecodable' record naming its offsets",
+        "snapshot_min_events": "the store's graph snapshot is renewed once the events logged since it reach this "
+                               "and the number of edges (bounds restart time)",
     }
 
     def __post_init__(self) -> None:
@@ -206,9 +222,11 @@ class ConsumerConfig:
         if self.start_offset not in ("earliest", "latest"):
             raise ConfigError(f"start_offset must be earliest or latest, got {self.start_offset!r}")
         if self.max_nodes < 0 or self.exclusive_wait_seconds <= 0 or self.metadata_max_age_ms < 100 \
-                or self.replication_factor < 1 or self.max_batch_inflated_bytes < self.fetch_max_bytes:
+                or self.replication_factor < 1 or self.max_batch_inflated_bytes < self.fetch_max_bytes \
+                or self.snapshot_min_events < 1:
             raise ConfigError("max_nodes >= 0, exclusive_wait_seconds > 0, metadata_max_age_ms >= 100, "
-                              "replication_factor >= 1 and max_batch_inflated_bytes >= fetch_max_bytes required")
+                              "replication_factor >= 1, max_batch_inflated_bytes >= fetch_max_bytes and "
+                              "snapshot_min_events >= 1 required")
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,10 @@ class LearnerMetrics:
                                              buckets=_LATENCY_BUCKETS, registry=r)
         self.refine_seconds = Histogram("gnaq_refine_seconds", "Wall time of a micro-batch's refinement pass",
                                         buckets=_LATENCY_BUCKETS, registry=r)
+        self.snapshot_seconds = Histogram("gnaq_snapshot_seconds", "Wall time to write the store's graph snapshot",
+                                          buckets=_LATENCY_BUCKETS, registry=r)
+        self.refresh_seconds = Histogram("gnaq_refresh_seconds", "Wall time of a full-graph propagation",
+                                         buckets=_LATENCY_BUCKETS, registry=r)
         self.consolidate_seconds = Counter("gnaq_consolidate_seconds_total", "Wall time of idle-time full-graph "
                                            "training (consolidation), store write included", registry=r)
         self.consolidate_budget = Gauge("gnaq_consolidate_budget_seconds",

@@ -13,7 +13,9 @@ class NodeTable:
     """Rows 0..n-1 hold nodes; capacity doubles as nodes arrive so appends stay amortised O(1).
 
     `latent` is the training-time float shadow of each node (offline `gnaq` keeps the same one); it is
-    not stored: a table loaded from packed rows starts with latent = dequantised embedding.
+    not stored: a table loaded from packed rows starts with latent = dequantised embedding. `mean` is
+    the mean float embedding of the nodes, kept as a running mean of what was appended (the prior of
+    a new node without neighbours); whoever dequantises the whole table may set it exactly.
     """
 
     def __init__(self, dim: int, bits: int, level_dtype: str, capacity: int = 1024):
@@ -23,6 +25,7 @@ class NodeTable:
         self.codes = torch.zeros(capacity, dim, dtype=torch.uint8)
         self.latent = torch.zeros(capacity, dim)
         self.version = np.zeros(capacity, dtype=np.int64)
+        self.mean = torch.zeros(dim)
 
     def _reserve(self, n: int) -> None:
         cap = self.levels.shape[0]
@@ -46,6 +49,7 @@ class NodeTable:
         self.codes[self.n:self.n + k] = codes
         self.latent[self.n:self.n + k] = embeddings
         self.version[idx] = version
+        self.mean = (self.mean * self.n + embeddings.sum(0)) / (self.n + k) if k else self.mean
         self.n += k
         return idx
 
@@ -63,6 +67,7 @@ class NodeTable:
         self.codes[:self.n] = torch.from_numpy(codes)
         self.latent[:self.n] = dequantize(levels, torch.from_numpy(codes))
         self.version[:self.n] = versions
+        self.mean = self.latent[:self.n].mean(0) if self.n else torch.zeros(self.dim)
 
     def embeddings(self, idx: np.ndarray | None = None) -> torch.Tensor:
         """Dequantised layer-0 embeddings (all nodes when idx is None)."""

@@ -5,6 +5,10 @@ additions, the batch's events (one log record) and the next Kafka offset of ever
 consumed. After a crash the store is exactly the state after some micro-batch, and reading resumes
 from the offsets stored with it, so no event is lost or applied twice.
 
+The graph is a snapshot (its edges with event counts as of one version) plus the log of the batches
+since; `write_snapshot` replaces the snapshot and drops the log it covers, so a restart reads the
+snapshot and a short log instead of every event ever streamed.
+
 Keys (integers big-endian so keys sort by index):
     b"Mmodel"                      JSON: format, model_id, dim, bits, level_dtype, n_layers (written once)
     b"Mstate"                      JSON: version, n_users, n_items, n_edges, n_events
@@ -13,6 +17,8 @@ Keys (integers big-endian so keys sort by index):
     b"Nu" / b"Ni" + external id    u32 BE internal index (lookup by external id)
     b"E" + u64 version             the (user, item) index pairs of that micro-batch's events, u32 LE each:
                                    one record per batch, not one key per edge (the write cost is per key)
+    b"Mgraph"                      JSON: the graph snapshot's version, events, edges, chunks
+    b"G" + u64 version + u32 chunk a chunk of that snapshot's edges: (user, item, event count) u32 LE each
     b"O" + topic + b"\\0" + u32     i64 LE next offset to read in that partition
     b"T" + topic                   the topic's id (Kafka topic ID) the offsets refer to: a topic deleted and
                                    re-created under the same name has another
@@ -39,6 +45,7 @@ _U32 = struct.Struct(">I")
 _VERSION = struct.Struct("<Q")
 _OFFSET = struct.Struct("<q")
 _SEQ = struct.Struct(">Q")
+SNAPSHOT_CHUNK_EDGES = 1 << 20  # 12 MiB per value
 
 
 class StoreError(GnaqError):
@@ -143,6 +150,10 @@ class EmbeddingStore:
         raw = self.db.get(b"T" + topic.encode())
         return None if raw is None else raw.decode()
 
+    def snapshot_meta(self) -> dict:
+        """The graph snapshot's version and the events it holds (version -1: none yet)."""
+        return self._json(b"Mgraph") or {"version": -1, "events": 0, "edges": 0, "chunks": 0}
+
     def is_empty(self) -> bool:
         return self.model_meta() is None
 
@@ -182,6 +193,37 @@ class EmbeddingStore:
         except Exception as exc:  # rocksdict raises plain Exceptions (e.g. "No space left on device")
             raise StoreError(f"{self.path}: write failed ({exc}); nothing of this batch was stored") from None
 
+    def write_snapshot(self, version: int, n_events: int, users: np.ndarray, items: np.ndarray,
+                       counts: np.ndarray) -> None:
+        """Make the graph as of `version` (every event logged up to it: these edges, with their event
+        counts) the snapshot, and drop the log it covers. Its chunks are written first under the new
+        version; one final WriteBatch then points Mgraph at them and deletes the old snapshot and the
+        covered log, so a crash at any point leaves either the old snapshot and the whole log or the
+        new one and the rest."""
+        old = self.snapshot_meta()
+        if old["version"] == version:
+            return
+        try:
+            # chunks of a snapshot a crash interrupted are nobody's: clear them first
+            self.db.delete_range(b"G", b"G" + _SEQ.pack(max(old["version"], 0)))
+            self.db.delete_range(b"G" + _SEQ.pack(old["version"] + 1), b"H")
+            chunks = 0
+            for start in range(0, len(users), SNAPSHOT_CHUNK_EDGES):
+                end = start + SNAPSHOT_CHUNK_EDGES
+                body = np.stack([users[start:end], items[start:end], counts[start:end]], axis=1).astype("<u4")
+                self.db.put(b"G" + _SEQ.pack(version) + _U32.pack(chunks), body.tobytes())
+                chunks += 1
+            wb = WriteBatch(raw_mode=True)
+            wb.put(b"Mgraph", json.dumps({"version": version, "events": n_events, "edges": len(users),
+                                          "chunks": chunks}).encode())
+            if old["version"] >= 0:
+                wb.delete_range(b"G" + _SEQ.pack(old["version"]), b"G" + _SEQ.pack(old["version"] + 1))
+            wb.delete_range(b"E", b"E" + _SEQ.pack(version + 1))
+            self.db.write(wb)
+        except Exception as exc:  # rocksdict raises plain Exceptions
+            raise StoreError(f"{self.path}: snapshot failed ({exc}); the previous one and the log still hold "
+                             "the graph") from None
+
     # ---- reading --------------------------------------------------------------------------------
 
     def load(self, cfg: LearnerConfig) -> StoredState:
@@ -203,6 +245,15 @@ class EmbeddingStore:
                     raise StoreError(f"{self.path}: id map {kind.decode()} has a gap at {k}")
                 ids.append(value.decode())
             add(ids)
+        snapshot = self.snapshot_meta()
+        if snapshot["version"] >= 0:
+            parts = [np.frombuffer(value, dtype="<u4").reshape(-1, 3)
+                     for _, value in _scan(self.db, b"G" + _SEQ.pack(snapshot["version"]))]
+            edges = np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.uint32)
+            if len(parts) != snapshot["chunks"] or len(edges) != snapshot["edges"]:
+                raise StoreError(f"{self.path}: graph snapshot {snapshot['version']} has {len(parts)} chunks and "
+                                 f"{len(edges)} edges, its record says {snapshot['chunks']} and {snapshot['edges']}")
+            graph.add_interactions(edges[:, 0], edges[:, 1], edges[:, 2])
         log = [np.frombuffer(value, dtype="<u4") for _, value in _scan(self.db, b"E")]
         pairs = np.concatenate(log).reshape(-1, 2).astype(np.int64) if log else np.zeros((0, 2), dtype=np.int64)
         graph.add_interactions(pairs[:, 0], pairs[:, 1])

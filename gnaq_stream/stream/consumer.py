@@ -143,7 +143,8 @@ class StreamConsumer:
         # kafka-python's allocations trigger full collections that rescanned it every time: 0.89 s vs
         # 0.07 s of GC per 160k events (benchmarks/stream_throughput.py --compare-gc-freeze)
         gc.freeze()
-        self.pipeline = MicroBatchPipeline(learner, store, metrics, ccfg.max_message_bytes, ccfg.max_nodes)
+        self.pipeline = MicroBatchPipeline(learner, store, metrics, ccfg.max_message_bytes, ccfg.max_nodes,
+                                           ccfg.snapshot_min_events)
         self.metrics = self.pipeline.metrics
         self.assignor = SoleOwnerAssignor({"model_id": learner.model_id, "host": socket.gethostname(),
                                            "pid": os.getpid(), "store": str(ccfg.store)})

@@ -14,7 +14,6 @@ embedding) and costs a fraction of it (docs/benchmarks.md).
 
 from __future__ import annotations
 
-import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -64,15 +63,16 @@ class StreamLearner:
         self.items = items or NodeTable(cfg.dim, cfg.bits, cfg.level_dtype)
         self.version = version
         self.rng = np.random.default_rng(cfg.seed)
-        self.sampler = random.Random(cfg.seed)  # k of n without replacement in O(k), not numpy's O(n)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.final_users = torch.zeros(0, cfg.dim)
         self.final_items = torch.zeros(0, cfg.dim)
         self.final_items_t = self.final_items.T
-        self.context = torch.zeros(0, cfg.dim)  # users then items, as of the last refresh
-        self.aggregate = torch.zeros(0, cfg.dim)
+        self.context = torch.zeros(0, cfg.dim, dtype=torch.half)  # users then items, as of the last refresh
+        self.aggregate = torch.zeros(0, cfg.dim, dtype=torch.half)
         self.context_users = 0
         self.refreshed_at = float("-inf")
+        self.refresh_cost = 0.0  # seconds the last full propagation took
+        self.refreshes = 0
         self.final_version = -1  # the model version the final embeddings were propagated at
         self.consolidator: Consolidator | None = None
 
@@ -128,8 +128,7 @@ class StreamLearner:
     def initial_changes(self) -> ChangeSet:
         """The whole current state as one change set: a freshly started learner (e.g. from a checkpoint)."""
         g = self.graph
-        users, items = g.edge_arrays()
-        counts = np.fromiter(g.edge_events.values(), dtype=np.int64, count=g.n_edges)
+        users, items, counts = g.edges()
         result = BatchResult(self.version, 0, new_users=list(g.users.external), new_items=list(g.items.external),
                              event_users=np.repeat(users, counts), event_items=np.repeat(items, counts),
                              changed_users=np.arange(g.n_users), changed_items=np.arange(g.n_items))
@@ -139,19 +138,29 @@ class StreamLearner:
 
     @torch.no_grad()
     def refresh_final_embeddings(self, force: bool = False) -> None:
-        """Full LightGCN propagation of the whole graph, at most every `refresh_seconds` (amortised)."""
+        """Full LightGCN propagation of the whole graph, at most every `refresh_seconds`, and less
+        often when it is slow: it takes at most `refresh_max_share` of the wall time, so its cost per
+        event stays bounded as the graph grows (the context it leaves ages instead)."""
         now = time.monotonic()
-        if not force and now - self.refreshed_at < self.cfg.refresh_seconds:
+        period = max(self.cfg.refresh_seconds, self.refresh_cost / self.cfg.refresh_max_share)
+        if not force and now - self.refreshed_at < period:
             return
         layer0 = torch.cat([self.users.embeddings(), self.items.embeddings()])
+        for table, rows in ((self.users, layer0[:self.users.n]), (self.items, layer0[self.users.n:])):
+            if len(rows):
+                table.mean = rows.mean(0)
         adj = self.graph.normalized_adjacency()
         final = propagate(adj, layer0, self.cfg.n_layers)
         self.final_users, self.final_items = final[:self.graph.n_users], final[self.graph.n_users:]
-        self.context = final - layer0 / (self.cfg.n_layers + 1)
-        self.aggregate = torch.sparse.mm(adj, layer0)
+        # refinement's fixed inputs; half precision halves the largest per-node state (refinement
+        # steps are ~1e-3, far above float16's resolution at these magnitudes)
+        self.context = (final - layer0 / (self.cfg.n_layers + 1)).half()
+        self.aggregate = torch.sparse.mm(adj, layer0).half()
         self.context_users = self.graph.n_users
         self.final_items_t = self.final_items.T.contiguous()  # scoring reads items column-wise
-        self.refreshed_at = now
+        self.refreshed_at = time.monotonic()
+        self.refresh_cost = self.refreshed_at - now
+        self.refreshes += 1
         self.final_version = self.version
 
     # ---- the micro-batch ------------------------------------------------------------------------
@@ -172,7 +181,7 @@ class StreamLearner:
         result.event_users, result.event_items = users, items
         result.new_users = g.users.external[n_users0:]
         result.new_items = g.items.external[n_items0:]
-        self._init_new_nodes(n_users0, n_items0)
+        self._init_new_nodes(n_users0, n_items0, users, items)
         if len(events) and self.cfg.refine_steps > 0:
             start = time.perf_counter()
             if len(events) > self.cfg.refine_max_events:  # bounded work per batch, whatever its size
@@ -188,51 +197,62 @@ class StreamLearner:
         return result
 
     def consolidate(self, seconds: float) -> tuple[BatchResult, int]:
-        """Full-graph training steps for about `seconds` (stream.consolidation): what changed (every
-        node) and the steps taken. Successive calls continue one optimiser until the next micro-batch."""
+        """Full-graph training steps for about `seconds` (stream.consolidation): the nodes whose
+        stored rows changed, and the steps taken. Successive calls continue one optimiser until the next micro-batch."""
         if self.consolidator is None:
             self.consolidator = Consolidator(self.cfg, self.graph, self.users, self.items, self.rng)
         steps = self.consolidator.run(seconds)
+        g = self.graph
+        every = (np.arange(g.n_users), np.arange(g.n_items))
+        before = self.users.packed(every[0]), self.items.packed(every[1])
         self.consolidator.write_to(self.users, self.items)
         self.version += 1
-        g = self.graph
-        self.users.version[:g.n_users] = self.version
-        self.items.version[:g.n_items] = self.version
-        return BatchResult(self.version, 0, changed_users=np.arange(g.n_users),
-                           changed_items=np.arange(g.n_items)), steps
+        # most rows' stored bytes survive a slice unchanged: only the others are versioned and written
+        changed = [np.flatnonzero((table.packed(idx) != old).any(1))
+                   for table, idx, old in zip((self.users, self.items), every, before)]
+        self.users.version[changed[0]] = self.version
+        self.items.version[changed[1]] = self.version
+        return BatchResult(self.version, 0, changed_users=changed[0], changed_items=changed[1]), steps
 
-    def _sample(self, neighbours: list[int]) -> list[int]:
-        cap = self.cfg.neighbour_samples
-        return neighbours if len(neighbours) <= cap else self.sampler.sample(neighbours, cap)
+    def _init_new_nodes(self, n_users0: int, n_items0: int, users: np.ndarray, items: np.ndarray) -> None:
+        """Embedding of a new node = mean of its embedded neighbours (at most `neighbour_samples`; a
+        node new in this batch has only this batch's edges) and of up to `neighbour_samples` of each
+        one's own neighbours, then GNAQ init; a node with none gets its kind's mean plus noise. One
+        vectorised pass per kind, so a node costs the same however large the tables are. Users come
+        first, so new items see the new users."""
+        g, cap = self.graph, self.cfg.neighbour_samples
+        kinds = ((self.users, n_users0, users, self.items, items, g.users_of_items),
+                 (self.items, n_items0, items, self.users, users, g.items_of_users))
+        for table, first, own, other, their, second_hop in kinds:
+            n_new = len(g.users if table is self.users else g.items) - first
+            if n_new == 0:
+                continue
+            keep = (own >= first) & (their < other.n)
+            pairs = np.unique((own[keep] - first) << 32 | their[keep])
+            owner, one = pairs >> 32, pairs & 0xFFFFFFFF
+            owner, one = self._at_most(owner, one, cap)
+            at, two = second_hop(one, cap)
+            embedded = two < table.n
+            at, two = owner[at[embedded]], two[embedded]
+            total = torch.zeros(n_new, self.cfg.dim)
+            total.index_add_(0, torch.from_numpy(owner), other.embeddings(one))
+            total.index_add_(0, torch.from_numpy(at), table.embeddings(two))
+            count = torch.from_numpy(np.bincount(owner, minlength=n_new) + np.bincount(at, minlength=n_new))
+            fresh = total / count.clamp(min=1).unsqueeze(1)
+            alone = torch.from_numpy(np.flatnonzero(count.numpy() == 0))
+            if len(alone):  # the prior: the kind's running mean (NodeTable.mean) plus small noise
+                fresh[alone] = table.mean + 0.1 * torch.randn(len(alone), self.cfg.dim, generator=self.gen)
+            table.append(fresh, self.version)
 
-    def _neighbour_mean(self, neighbours: list[int], table: NodeTable, two_hop: list[list[int]],
-                        two_hop_table: NodeTable) -> torch.Tensor | None:
-        one = self._sample([n for n in neighbours if n < table.n])
-        if not one:
-            return None
-        second = [m for n in one for m in two_hop[n][:self.cfg.neighbour_samples] if m < two_hop_table.n]
-        parts = [table.embeddings(np.array(one))]
-        if second:
-            parts.append(two_hop_table.embeddings(np.array(second)))
-        return torch.cat(parts).mean(0)
-
-    def _prior(self, table: NodeTable) -> torch.Tensor:
-        """Global prior for a node with no embedded neighbours: the kind's mean plus small noise."""
-        base = table.embeddings().mean(0) if table.n else torch.zeros(self.cfg.dim)
-        return base + 0.1 * torch.randn(self.cfg.dim, generator=self.gen)
-
-    def _init_new_nodes(self, n_users0: int, n_items0: int) -> None:
-        """Embedding of a new node = mean of its embedded 1- and 2-hop neighbours, then GNAQ init."""
-        g = self.graph
-        kinds = ((self.users, n_users0, g.user_items, self.items, g.item_users),
-                 (self.items, n_items0, g.item_users, self.users, g.user_items))
-        for table, first, adjacency, other, other_adjacency in kinds:
-            fresh = []
-            for node in range(first, len(adjacency)):
-                emb = self._neighbour_mean(adjacency[node], other, other_adjacency, table)
-                fresh.append(emb if emb is not None else self._prior(table))
-            if fresh:
-                table.append(torch.stack(fresh), self.version)
+    def _at_most(self, owner: np.ndarray, values: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+        """A random `cap` of each owner's values (owner sorted); all where it has no more."""
+        if not len(owner) or np.bincount(owner).max() <= cap:
+            return owner, values
+        order = self.rng.permutation(len(owner))
+        order = order[np.argsort(owner[order], kind="stable")]
+        owner, values = owner[order], values[order]
+        keep = np.arange(len(owner)) - np.searchsorted(owner, owner) < cap
+        return owner[keep], values[keep]
 
     @torch.no_grad()
     def current_final(self, users: np.ndarray, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,8 +274,8 @@ class StreamLearner:
         own = torch.cat([self.users.embeddings(local_u), self.items.embeddings(local_i)])
         context, aggregate = own * (self.cfg.n_layers / (self.cfg.n_layers + 1)), own.clone()
         at, pos = torch.from_numpy(rows[known]), torch.from_numpy(np.flatnonzero(known))
-        context.index_copy_(0, pos, self.context.index_select(0, at))  # index_select: ~4x faster than [at]
-        aggregate.index_copy_(0, pos, self.aggregate.index_select(0, at))
+        context.index_copy_(0, pos, self.context.index_select(0, at).float())  # index_select: ~4x faster than [at]
+        aggregate.index_copy_(0, pos, self.aggregate.index_select(0, at).float())
         return context, aggregate
 
     def _refine(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:

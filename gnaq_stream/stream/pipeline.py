@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 from kafka import KafkaProducer
 
-from gnaq_stream.config import LearnerConfig
+from gnaq_stream.config import ConsumerConfig, LearnerConfig
 from gnaq_stream.data.events import Event, Rejection, parse_event
 from gnaq_stream.metrics import LearnerMetrics
 from gnaq_stream.quant.packing import model_size
@@ -53,12 +53,17 @@ def _too_large(rec: Record, limit: int) -> Rejection | None:
 
 class MicroBatchPipeline:
     def __init__(self, learner: StreamLearner, store: EmbeddingStore, metrics: LearnerMetrics | None = None,
-                 max_message_bytes: int = 4096, max_nodes: int = 0):
+                 max_message_bytes: int = 4096, max_nodes: int = 0,
+                 snapshot_min_events: int = ConsumerConfig.snapshot_min_events):
         self.learner, self.store = learner, store
         self.metrics = metrics or LearnerMetrics()
         self.max_message_bytes, self.max_nodes = max_message_bytes, max_nodes
+        self.snapshot_min_events = snapshot_min_events
+        self.snapshot_events = store.snapshot_meta()["events"]
+        self.refreshes_seen = learner.refreshes
         cfg = learner.cfg
-        self.prequential = PrequentialEvaluator(cfg.prequential_window, cfg.prequential_sample, cfg.seed)
+        self.prequential = PrequentialEvaluator(cfg.prequential_window, cfg.prequential_sample, cfg.seed,
+                                                cfg.prequential_max_scores)
         self.budget = 0.0  # consolidation seconds earned by micro-batches, spent while idle
         self.consolidated_steps = 0
         self.producer: KafkaProducer | None = None
@@ -95,6 +100,7 @@ class MicroBatchPipeline:
         self.prequential.score(self.learner, events)
         result = self.learner.apply_micro_batch(events)
         self.store.write(self.learner.changes(result, offsets))
+        self._snapshot_if_due()
         if self.updates is not None:
             g = self.learner.graph
             self.pending_users = np.union1d(self.pending_users, result.event_users)
@@ -112,6 +118,20 @@ class MicroBatchPipeline:
         self.budget += self.learner.cfg.consolidate_ratio * elapsed
         self.update_model_metrics()
         return offsets
+
+    def _snapshot_if_due(self) -> None:
+        """Renew the store's graph snapshot once the log since the last one holds max(snapshot_min_events,
+        edges) events: restart reads at most ~2x the graph, and a snapshot's O(edges) cost is spread
+        over at least as many events."""
+        g = self.learner.graph
+        if g.n_events - self.snapshot_events < max(self.snapshot_min_events, g.n_edges):
+            return
+        start = time.perf_counter()
+        self.store.write_snapshot(self.learner.version, g.n_events, *g.edges())
+        self.snapshot_events = g.n_events
+        elapsed = time.perf_counter() - start
+        self.metrics.snapshot_seconds.observe(elapsed)
+        log.info("graph snapshot at model version %d: %d edges in %.1fs", self.learner.version, g.n_edges, elapsed)
 
     def _refuse_beyond_node_limit(self, parsed: list) -> None:
         """Events that would grow a node kind past `max_nodes` become `node_limit` rejections."""
@@ -195,6 +215,7 @@ class MicroBatchPipeline:
             raise
         self.pending_users = self.new_users = self.new_items = np.zeros(0, dtype=np.int64)
         self.metrics.rows_published.inc(sent)
+        self.update_model_metrics()
 
     @property
     def publication_behind(self) -> bool:
@@ -226,6 +247,9 @@ class MicroBatchPipeline:
 
     def update_model_metrics(self) -> None:
         m, learner, g = self.metrics, self.learner, self.learner.graph
+        if learner.refreshes != self.refreshes_seen:
+            m.refresh_seconds.observe(learner.refresh_cost)
+            self.refreshes_seen = learner.refreshes
         cfg: LearnerConfig = learner.cfg
         size = model_size(g.n_users + g.n_items, cfg.dim, cfg.bits, cfg.level_dtype)
         m.nodes.labels("user").set(g.n_users)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import deque
-from itertools import chain
 
 import numpy as np
 import torch
@@ -47,16 +46,25 @@ class PrequentialEvaluator:
     or item the model has never seen counts as a miss: the model could not have recommended it.
     """
 
-    def __init__(self, window: int, sample: float, seed: int = 0):
+    def __init__(self, window: int, sample: float, seed: int = 0, max_scores_per_event: int = 0):
         self.ranks: deque[float] = deque(maxlen=window)
         self.sample = sample
+        self.max_scores_per_event = max_scores_per_event
         self.rng = np.random.default_rng(seed)
+
+    def share(self, n_items: int) -> float:
+        """Share of events scored: `sample`, less where scoring that share against every item would
+        cost more than `max_scores_per_event` item scores per event (a large catalogue)."""
+        if self.max_scores_per_event and n_items:
+            return min(self.sample, self.max_scores_per_event / n_items)
+        return self.sample
 
     @torch.no_grad()
     def score(self, learner: StreamLearner, events: list[Event]) -> None:
-        if not events or self.sample <= 0:
+        share = self.share(learner.graph.n_items)
+        if not events or share <= 0:
             return
-        picked = [events[k] for k in np.flatnonzero(self.rng.random(len(events)) < self.sample).tolist()]
+        picked = [events[k] for k in np.flatnonzero(self.rng.random(len(events)) < share).tolist()]
         if not picked:
             return
         learner.refresh_final_embeddings()
@@ -73,9 +81,8 @@ class PrequentialEvaluator:
             return
         users = torch.tensor([u for u, _ in known])
         targets = torch.tensor([i for _, i in known])
-        histories = [g.user_items[u] for u, _ in known]
-        seen = torch.tensor(list(chain.from_iterable(histories)), dtype=torch.long)
-        rows = torch.repeat_interleave(torch.arange(len(known)), torch.tensor([len(h) for h in histories]))
+        owner, seen = g.items_of_users(users.numpy())
+        rows, seen = torch.from_numpy(owner), torch.from_numpy(seen)
         # the user's history is not recommended, unless it is the target (a repeat); items added
         # since the last propagation have no score yet
         masked = (seen < n_items) & (seen != targets[rows])

@@ -38,12 +38,14 @@ class UpdatesPublisher:
         if self.published_version < 0:  # first publication: retire the old model, announce this one
             records += [(self.topic, key, None, None) for key in self.stale_keys]
             records.append((self.topic, *meta_record(self._meta(learner, -1)), None))
-        for u in users.tolist():
-            history = learner.graph.user_items[u]
+        owner, items = learner.graph.items_of_users(users)
+        ends = np.searchsorted(owner, np.arange(1, len(users) + 1))
+        for u, history in zip(users.tolist(), np.split(items, ends[:-1])):
             if len(history) > MAX_HISTORY_ITEMS:
-                log.warning("user %s has %d items: only the latest %d are published as the history replicas "
-                            "exclude", learner.graph.users.external[u], len(history), MAX_HISTORY_ITEMS)
-                history = history[-MAX_HISTORY_ITEMS:]
+                log.warning("user %s has %d items: only the %d newest in the catalogue are published as the "
+                            "history replicas exclude", learner.graph.users.external[u], len(history),
+                            MAX_HISTORY_ITEMS)
+                history = np.sort(history)[-MAX_HISTORY_ITEMS:]
             records.append((self.topic, *history_record(u, learner.version, history), None))
         fresh, count = {}, 0
         if learner.final_version != self.published_version:

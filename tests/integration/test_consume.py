@@ -46,8 +46,7 @@ def consume_cmd(bootstrap: str, topic: str, store: Path, *extra: str) -> list[st
 def stored_edge_events(store: Path) -> dict[tuple[str, str], int]:
     with EmbeddingStore(store, read_only=True) as s:
         learner = StreamLearner.from_state(s.load(LearnerConfig()))
-    g = learner.graph
-    return {(g.users.external[k >> 32], g.items.external[k & 0xFFFFFFFF]): c for k, c in g.edge_events.items()}
+    return learner.graph.event_counts()
 
 
 def events_in_store(store: Path) -> int:

@@ -97,7 +97,8 @@ def test_refinement_changes_only_the_touched_nodes_and_versions_it():
     assert result.refine_steps == 2 and result.refine_seconds > 0
     assert learner.graph.n_edges == 4 and learner.graph.n_events == 5
     assert result.event_users.tolist() == [0, 0] and result.event_items.tolist() == [2, 2]
-    assert learner.graph.edge_events[0 << 32 | 2] == 2
+    users, items, counts = learner.graph.edges()
+    assert counts[(users == 0) & (items == 2)].tolist() == [2]
     assert 0 in result.changed_users.tolist() and 2 in result.changed_items.tolist()
     assert not torch.equal(learner.items.levels[2], before_levels[2])
     assert learner.users.version[0] == result.version == 1
@@ -174,7 +175,7 @@ def _community_auc(learner: StreamLearner) -> float:
     return float(torch.stack(wins).mean())
 
 
-def test_consolidation_trains_the_whole_graph_and_versions_every_node():
+def test_consolidation_trains_the_whole_graph_and_versions_the_rows_it_changed():
     rng = np.random.default_rng(0)
     cfg = LearnerConfig(dim=8, bits=2, level_dtype="fp8", refine_steps=0, consolidate_batch=256)
     learner = StreamLearner(cfg)
@@ -184,10 +185,16 @@ def test_consolidation_trains_the_whole_graph_and_versions_every_node():
     learner.apply_micro_batch(events)
     before = _community_auc(learner)
     version = learner.version
+    rows = learner.users.packed(np.arange(40)), learner.items.packed(np.arange(40))
     result, steps = learner.consolidate(1.0)
     assert steps >= 1 and result.events == 0 and result.version == learner.version == version + 1
-    assert result.changed_users.tolist() == list(range(40)) and result.changed_items.tolist() == list(range(40))
-    assert (learner.users.version[:40] == learner.version).all()
+    # exactly the rows whose stored bytes changed are reported (and written), with the new version
+    for table, old, changed in ((learner.users, rows[0], result.changed_users),
+                                (learner.items, rows[1], result.changed_items)):
+        differs = (table.packed(np.arange(40)) != old).any(1)
+        assert changed.tolist() == np.flatnonzero(differs).tolist() and len(changed) > 0
+        assert (table.version[changed] == learner.version).all()
+        assert (table.version[np.flatnonzero(~differs)] == version).all()
     assert int(learner.users.codes[:40].max()) < 4
     # levels are kept as the fp8 values the store holds
     torch.testing.assert_close(learner.items.levels[:40], learner.items.levels[:40].to(torch.float8_e4m3fn).float())
@@ -198,3 +205,46 @@ def test_consolidation_trains_the_whole_graph_and_versions_every_node():
     assert learner.consolidator is consolidator  # one optimiser across the slices of an idle period
     learner.apply_micro_batch([Event("0", "1", 1.0)])
     assert learner.consolidator is None
+
+
+def _rows_dequantised(learner, events, monkeypatch):
+    """Rows NodeTable.embeddings dequantises while the learner applies `events` (all rows for None)."""
+    from gnaq_stream.quant.node_table import NodeTable
+
+    counted = []
+    real = NodeTable.embeddings
+
+    def counting(table, idx=None):
+        counted.append(table.n if idx is None else len(idx))
+        return real(table, idx)
+
+    monkeypatch.setattr(NodeTable, "embeddings", counting)
+    learner.apply_micro_batch(events)
+    monkeypatch.setattr(NodeTable, "embeddings", real)
+    return sum(counted)
+
+
+@pytest.mark.parametrize("attach", [False, True])
+def test_new_nodes_cost_the_same_whatever_the_size_of_the_tables(monkeypatch, attach):
+    """Cold start: a batch of only new users and items (or new users on existing items) dequantises
+    the same rows whether the model holds 200 or 20,000 nodes (it once took the whole table's mean for
+    every node without neighbours)."""
+    cfg = LearnerConfig(dim=8, bits=2, refine_steps=0, prequential_sample=0.0)
+    costs = []
+    for size in (100, 10_000):
+        learner = StreamLearner(cfg)
+        learner.apply_micro_batch([Event(f"old{k}", f"item{k}", 0.0) for k in range(size)])
+        learner.refresh_final_embeddings(force=True)
+        fresh = [Event(f"new{k}", f"item{k % 50}" if attach else f"newitem{k}", 1.0) for k in range(500)]
+        costs.append(_rows_dequantised(learner, fresh, monkeypatch))
+        assert learner.users.n == size + 500 and torch.isfinite(learner.users.latent[:learner.users.n]).all()
+    assert costs[0] == costs[1] and costs[0] <= 500 * (1 + cfg.neighbour_samples) * 2
+
+
+def test_a_node_without_neighbours_starts_near_the_running_mean_of_its_kind():
+    learner = StreamLearner(LearnerConfig(dim=8, bits=2, refine_steps=0, prequential_sample=0.0))
+    learner.apply_micro_batch([Event(f"u{k}", f"i{k}", 0.0) for k in range(300)])
+    mean = learner.users.embeddings().mean(0)
+    torch.testing.assert_close(learner.users.mean, learner.users.latent[:300].mean(0))
+    learner.apply_micro_batch([Event("alone", "new-item", 1.0)])
+    assert (learner.users.latent[300] - mean).abs().max() < 0.5  # the mean plus noise of scale 0.1
