@@ -173,15 +173,18 @@ class IdMap:
         idx = list(map(self._recent.get, exts))
         missing = [k for k, v in enumerate(idx) if v is None]
         if missing:
+            new: list[bytes] = []
             for k, found in zip(missing, self._lookup([exts[k] for k in missing]).tolist()):
                 if found < 0:
                     ext = exts[k]
                     found = self._recent.get(ext)  # an id new in this batch may repeat within it
                     if found is None:
-                        found = self._recent[ext] = len(self)
-                        self._buf += ext.encode()
-                        self._ends.extend(np.array([len(self._buf)]))
+                        found = self._recent[ext] = len(self) + len(new)
+                        new.append(ext.encode())
                 idx[k] = found
+            if new:
+                self._ends.extend(len(self._buf) + np.cumsum([len(name) for name in new]))
+                self._buf += b"".join(new)
             if len(self._recent) > max(MERGE_IDS, len(self) // 8):
                 self._merge()
         return np.array(idx, dtype=np.int64)

@@ -10,10 +10,13 @@ from gnaq_stream.quant.quantizer import dequantize, init_from_embedding
 
 
 class NodeTable:
-    """Rows 0..n-1 hold nodes; capacity doubles as nodes arrive so appends stay amortised O(1).
+    """Rows 0..n-1 hold nodes; capacity grows by a quarter as nodes arrive, so appends stay amortised
+    O(1) with at most a quarter of the table unused.
 
     `latent` is the training-time float shadow of each node (offline `gnaq` keeps the same one); it is
-    not stored: a table loaded from packed rows starts with latent = dequantised embedding. `mean` is
+    not stored: a table loaded from packed rows starts with latent = dequantised embedding. It is held
+    in float16 (half the table's memory; training steps of ~1e-3 stay far above its resolution) and
+    trained in float32. `mean` is
     the mean float embedding of the nodes, kept as a running mean of what was appended (the prior of
     a new node without neighbours); whoever dequantises the whole table may set it exactly.
     """
@@ -23,7 +26,7 @@ class NodeTable:
         self.n = 0
         self.levels = torch.zeros(capacity, 1 << bits)
         self.codes = torch.zeros(capacity, dim, dtype=torch.uint8)
-        self.latent = torch.zeros(capacity, dim)
+        self.latent = torch.zeros(capacity, dim, dtype=torch.half)
         self.version = np.zeros(capacity, dtype=np.int64)
         self.mean = torch.zeros(dim)
 
@@ -31,7 +34,7 @@ class NodeTable:
         cap = self.levels.shape[0]
         if n <= cap:
             return
-        new_cap = max(n, 2 * cap)
+        new_cap = max(n, cap + cap // 4)
         for name in ("levels", "codes", "latent"):
             old = getattr(self, name)
             grown = torch.zeros((new_cap, *old.shape[1:]), dtype=old.dtype)
@@ -67,7 +70,7 @@ class NodeTable:
         self.codes[:self.n] = torch.from_numpy(codes)
         self.latent[:self.n] = dequantize(levels, torch.from_numpy(codes))
         self.version[:self.n] = versions
-        self.mean = self.latent[:self.n].mean(0) if self.n else torch.zeros(self.dim)
+        self.mean = self.latent[:self.n].float().mean(0) if self.n else torch.zeros(self.dim)
 
     def embeddings(self, idx: np.ndarray | None = None) -> torch.Tensor:
         """Dequantised layer-0 embeddings (all nodes when idx is None)."""

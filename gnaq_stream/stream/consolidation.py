@@ -35,7 +35,7 @@ class Consolidator:
         self.edge_users, self.edge_items = graph.edge_arrays()
         embedding = QuantizedEmbedding(torch.cat([users.levels[:nu], items.levels[:ni]]),
                                        torch.cat([users.codes[:nu], items.codes[:ni]]),
-                                       torch.cat([users.latent[:nu], items.latent[:ni]]),
+                                       torch.cat([users.latent[:nu], items.latent[:ni]]).float(),
                                        cfg.bits, METHODS["gnaq"], cfg.rau_alpha, cfg.rau_half_degree)
         self.model = Recommender(nu, ni, embedding, cfg.n_layers)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.consolidate_lr)

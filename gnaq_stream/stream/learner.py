@@ -64,9 +64,7 @@ class StreamLearner:
         self.version = version
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.final_users = torch.zeros(0, cfg.dim)
-        self.final_items = torch.zeros(0, cfg.dim)
-        self.final_items_t = self.final_items.T
+        self.final_items_t = torch.zeros(cfg.dim, 0)  # items' final embeddings, column-wise for scoring
         self.context = torch.zeros(0, cfg.dim, dtype=torch.half)  # users then items, as of the last refresh
         self.aggregate = torch.zeros(0, cfg.dim, dtype=torch.half)
         self.context_users = 0
@@ -151,13 +149,12 @@ class StreamLearner:
                 table.mean = rows.mean(0)
         adj = self.graph.normalized_adjacency()
         final = propagate(adj, layer0, self.cfg.n_layers)
-        self.final_users, self.final_items = final[:self.graph.n_users], final[self.graph.n_users:]
         # refinement's fixed inputs; half precision halves the largest per-node state (refinement
         # steps are ~1e-3, far above float16's resolution at these magnitudes)
         self.context = (final - layer0 / (self.cfg.n_layers + 1)).half()
         self.aggregate = torch.sparse.mm(adj, layer0).half()
         self.context_users = self.graph.n_users
-        self.final_items_t = self.final_items.T.contiguous()  # scoring reads items column-wise
+        self.final_items_t = final[self.context_users:].T.contiguous()
         self.refreshed_at = time.monotonic()
         self.refresh_cost = self.refreshed_at - now
         self.refreshes += 1
@@ -254,6 +251,17 @@ class StreamLearner:
         keep = np.arange(len(owner)) - np.searchsorted(owner, owner) < cap
         return owner[keep], values[keep]
 
+    @property
+    def final_items(self) -> torch.Tensor:
+        """Final embeddings of the items, as of the last refresh (a view of the scoring layout)."""
+        return self.final_items_t.T
+
+    @property
+    def final_users(self) -> torch.Tensor:
+        """Final embeddings of the users known at the last refresh, computed now from its context and
+        their current layer-0 rows (held per user, it would be the learner's largest array)."""
+        return self.current_final(np.arange(self.context_users), np.zeros(0, dtype=np.int64))[0]
+
     @torch.no_grad()
     def current_final(self, users: np.ndarray, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Final embeddings of these nodes as of now, without a full propagation: the context of the
@@ -294,6 +302,7 @@ class StreamLearner:
         levels, latent, codes = (torch.cat([getattr(self.users, name).index_select(0, rows_u),
                                             getattr(self.items, name).index_select(0, rows_i)])
                                  for name in ("levels", "latent", "codes"))
+        latent = latent.float()
         levels_before = levels.clone()
         levels.requires_grad_()
         latent.requires_grad_()
@@ -320,7 +329,7 @@ class StreamLearner:
             new_codes = rau_codes(latent, aggregate, stored_levels, mix)
             for table, rows, sl in ((self.users, rows_u, slice(0, n_u)), (self.items, rows_i, slice(n_u, None))):
                 table.levels.index_copy_(0, rows, stored_levels[sl])
-                table.latent.index_copy_(0, rows, latent.detach()[sl])
+                table.latent.index_copy_(0, rows, latent.detach()[sl].half())
                 table.codes.index_copy_(0, rows, new_codes[sl])
             # most steps move levels by less than the storage dtype resolves and leave the codes: only
             # rows whose stored bytes changed are reported (~1 in 5 on gowalla), so only they are written

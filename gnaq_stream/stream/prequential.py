@@ -73,7 +73,7 @@ class PrequentialEvaluator:
         known = []
         for ev in picked:
             u, i = g.users.get(ev.user), g.items.get(ev.item)
-            if u is None or i is None or u >= learner.final_users.shape[0] or i >= n_items:
+            if u is None or i is None or u >= learner.context_users or i >= n_items:
                 self.ranks.append(float("inf"))
             else:
                 known.append((u, i))
@@ -86,7 +86,8 @@ class PrequentialEvaluator:
         # the user's history is not recommended, unless it is the target (a repeat); items added
         # since the last propagation have no score yet
         masked = (seen < n_items) & (seen != targets[rows])
-        ranks = item_ranks(learner.final_users[users], learner.final_items_t, targets, rows[masked], seen[masked])
+        user_rows, _ = learner.current_final(users.numpy(), np.zeros(0, dtype=np.int64))
+        ranks = item_ranks(user_rows, learner.final_items_t, targets, rows[masked], seen[masked])
         self.ranks.extend(ranks.tolist())
 
     def metrics(self) -> dict[str, float]:

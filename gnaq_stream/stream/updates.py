@@ -113,7 +113,7 @@ class UpdatesPublisher:
     def _meta(self, learner: StreamLearner, version: int) -> dict:
         cfg = learner.cfg
         return {"model_id": learner.model_id, "dim": cfg.dim, "bits": self.serve_bits, "level_dtype": cfg.level_dtype,
-                "version": version, "n_users": len(learner.final_users), "n_items": len(learner.final_items)}
+                "version": version, "n_users": learner.context_users, "n_items": learner.final_items_t.shape[1]}
 
 
 def _changed(held: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> np.ndarray:

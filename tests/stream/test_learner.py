@@ -48,6 +48,8 @@ def test_a_tanh_checkpoint_streams_with_its_tanh(tmp_path, level_dtype, toleranc
     assert error < 0.1 * (without_tanh - ck.layer0()).abs().max()
     learner.refresh_final_embeddings(force=True)
     final = propagate(learner.graph.normalized_adjacency(), ck.layer0(), 2)
+    # users' final rows = the refresh's context, held in float16 (relative error <= 2^-11), + their own share
+    tolerance = max(tolerance, 2**-10)
     assert (torch.cat([learner.final_users, learner.final_items]) - final).abs().max() <= tolerance * final.abs().max()
 
 
@@ -77,7 +79,7 @@ def test_new_user_embedding_is_mean_of_one_and_two_hop_neighbours():
     # 1-hop: item 2; 2-hop: users of item 2 = user 1 and the new user itself (not embedded yet)
     expected = torch.stack([learner.items.embeddings(np.array([2]))[0],
                             learner.users.embeddings(np.array([1]))[0]]).mean(0)
-    torch.testing.assert_close(learner.users.latent[2], expected)
+    torch.testing.assert_close(learner.users.latent[2].float(), expected, atol=2e-3, rtol=2e-3)  # held in float16
     levels, codes = init_from_embedding(expected.unsqueeze(0), 2)
     assert torch.equal(learner.users.codes[2], codes[0])
 
@@ -245,6 +247,6 @@ def test_a_node_without_neighbours_starts_near_the_running_mean_of_its_kind():
     learner = StreamLearner(LearnerConfig(dim=8, bits=2, refine_steps=0, prequential_sample=0.0))
     learner.apply_micro_batch([Event(f"u{k}", f"i{k}", 0.0) for k in range(300)])
     mean = learner.users.embeddings().mean(0)
-    torch.testing.assert_close(learner.users.mean, learner.users.latent[:300].mean(0))
+    torch.testing.assert_close(learner.users.mean, learner.users.latent[:300].float().mean(0))
     learner.apply_micro_batch([Event("alone", "new-item", 1.0)])
     assert (learner.users.latent[300] - mean).abs().max() < 0.5  # the mean plus noise of scale 0.1
