@@ -1,20 +1,26 @@
 """A serving replica's state: the records of the embedding-updates topic, kept in the replica's own
 RocksDB store (so a restart serves at once) and in memory as packed rows for scoring.
 
-Records are applied whole and one at a time, between requests (one event loop), so an answer never
-sees half of a row, and a record older than the one held for its key is ignored (replays are safe).
-A tombstone (no value) deletes its key, so a replica replaying a compacted topic holds only the model
+Records are applied whole, in order, between requests (one event loop), so an answer never sees half
+of a row, and a record older than the one held for its key is ignored (replays are safe). A
+tombstone (no value) deletes its key, so a replica replaying a compacted topic holds only the model
 the learner published last. A record the replica cannot apply raises `RejectedUpdate` and changes
 nothing: undecodable, a row of another width than the model's, or an index beyond `max_nodes`.
+
+`apply_many` applies a batch as one: rows of the model's width are decoded and written with array
+operations (one WriteBatch, one `ItemIndex.put`), with the same outcome per record as one by one.
+Memory per node is its packed row, a version (u32 while versions fit) and its external id in one
+byte buffer (offset + length prefix); users also have an open-addressing hash slot (id -> index).
+Histories are not held in memory: a request reads its user's history from the store (one get).
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numba
 import numpy as np
 from rocksdict import Options, Rdict, WriteBatch
 
@@ -22,14 +28,19 @@ from gnaq_stream.config import ServeConfig
 from gnaq_stream.errors import ConfigError, GnaqError
 from gnaq_stream.quant.packing import SUPPORTED_BITS, check_bits, check_level_dtype, row_bytes
 from gnaq_stream.serve.scoring import ItemIndex, PackedScorer
-from gnaq_stream.updates_format import META_KEY, HistoryUpdate, RowUpdate, UpdateFormatError, decode_meta, decode_update
+from gnaq_stream.updates_format import (META_KEY, HistoryUpdate, RowUpdate, UpdateFormatError, decode_meta,
+                                        decode_rows, decode_update)
 
 log = logging.getLogger("gnaq_stream.serve")
 REJECTION_REASONS = ("malformed", "width", "index", "partition")
 MAX_DIM = 1 << 16  # a meta record's dim: the scorer allocates buffers of that size
 MAX_ROW_BYTES = row_bytes(MAX_DIM, max(SUPPORTED_BITS), "fp32")  # bounds rows held before any meta record
-_INT_BYTES = sys.getsizeof(1 << 24)  # a node index held as a Python int
+MAX_ID_BYTES = 1024  # 256 characters (the learner's limit) of up to 4 UTF-8 bytes each
 _SHAPE = ("dim", "bits", "level_dtype")
+_EMPTY, _DELETED = -1, -2  # hash slots
+# hash slots in use (deleted included) over slots: never above _MAX_LOAD (probes stay short); a table
+# sized for a meta record's count starts at _RESERVED_LOAD once that many arrived, one grown starts at _GROWN_LOAD
+_MAX_LOAD, _RESERVED_LOAD, _GROWN_LOAD = 0.8, 0.78, 0.65
 
 
 class UnknownUser(GnaqError):
@@ -48,69 +59,292 @@ class RejectedUpdate(ValueError):
         self.reason = reason
 
 
-class _Rows:
-    """Growable packed rows of one node kind, with versions and external ids. Item rows are held
-    by the scorer's `ItemIndex` (in its layout); user rows as a plain array."""
+@numba.njit(cache=True, inline="always")
+def _id_at(buf: np.ndarray, starts: np.ndarray, i: int) -> tuple[int, int]:
+    """(offset, length) of node i's id: a 1-byte length prefix below 128, else 2 bytes."""
+    p = np.int64(starts[i])  # u64 starts would turn arithmetic into float64
+    b = np.int64(buf[p])
+    if b < 128:
+        return p + 1, b
+    return p + 2, ((b & 0x7F) << 8) | buf[p + 1]
 
-    def __init__(self, width: int, index: ItemIndex | None = None):
+
+@numba.njit(cache=True, inline="always")
+def _id_size(buf: np.ndarray, starts: np.ndarray, i: int) -> int:
+    """Bytes node i's id takes in the buffer, its prefix included."""
+    s, n = _id_at(buf, starts, i)
+    return s + n - np.int64(starts[i])
+
+
+@numba.njit(cache=True, inline="always")
+def _hash(buf: np.ndarray, at: int, n: int) -> np.uint64:
+    h = np.uint64(14695981039346656037)  # FNV-1a
+    for j in range(n):
+        h = (h ^ np.uint64(buf[at + j])) * np.uint64(1099511628211)
+    return h
+
+
+@numba.njit(cache=True)
+def _find(slots: np.ndarray, buf: np.ndarray, starts: np.ndarray, q: np.ndarray, at: int, n: int) -> int:
+    """Slot holding the id q[at:at+n], or -1."""
+    cap = len(slots)
+    p = np.int64(_hash(q, at, n) % np.uint64(cap))
+    while True:
+        v = slots[p]
+        if v == _EMPTY:
+            return -1
+        if v >= 0:
+            s, m = _id_at(buf, starts, v)
+            if m == n:
+                same = True
+                for j in range(n):
+                    if buf[s + j] != q[at + j]:
+                        same = False
+                        break
+                if same:
+                    return p
+        p = (p + 1) % cap
+
+
+@numba.njit(cache=True)
+def _insert(slots: np.ndarray, buf: np.ndarray, starts: np.ndarray, i: int) -> int:
+    """Map node i's id to i (replacing another index it mapped to); 1 if an empty slot was used."""
+    s, n = _id_at(buf, starts, i)
+    found = _find(slots, buf, starts, buf, s, n)
+    if found >= 0:
+        slots[found] = i
+        return 0
+    cap = len(slots)
+    p = np.int64(_hash(buf, s, n) % np.uint64(cap))
+    while slots[p] >= 0:
+        p = (p + 1) % cap
+    used = 1 if slots[p] == _EMPTY else 0
+    slots[p] = i
+    return used
+
+
+@numba.njit(cache=True)
+def _unindex(slots: np.ndarray, buf: np.ndarray, starts: np.ndarray, i: int) -> None:
+    """Forget node i's id if it maps to i."""
+    s, n = _id_at(buf, starts, i)
+    found = _find(slots, buf, starts, buf, s, n)
+    if found >= 0 and slots[found] == i:
+        slots[found] = _DELETED
+
+
+@numba.njit(cache=True)
+def _put(idx: np.ndarray, vers: np.ndarray, locs: np.ndarray, versions: np.ndarray, starts: np.ndarray,
+         buf: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, int, int, int]:
+    """Apply rows in order: record r (node idx[r], version vers[r] + 1, id at buf[locs[r]]) is taken
+    unless older than what is held then. Returns (taken, nodes newly held, id buffer bytes now live
+    minus before, hash slots newly used)."""
+    taken = np.zeros(len(idx), dtype=np.bool_)
+    held, live, used = 0, 0, 0
+    for r in range(len(idx)):
+        i = idx[r]
+        if vers[r] < versions[i]:
+            continue
+        taken[r] = True
+        if versions[i] > 0:
+            live -= _id_size(buf, starts, i)
+            if len(slots):
+                _unindex(slots, buf, starts, i)
+        else:
+            held += 1
+        versions[i] = vers[r]
+        starts[i] = locs[r]
+        live += _id_size(buf, starts, i)
+        if len(slots):
+            used += _insert(slots, buf, starts, i)
+    return taken, held, live, used
+
+
+@numba.njit(cache=True)
+def _new_ids(idx: np.ndarray, locs: np.ndarray, versions: np.ndarray, starts: np.ndarray, buf: np.ndarray) -> int:
+    """How many records would put an id not held at their index: at most that many slots get used."""
+    count = 0
+    for r in range(len(idx)):
+        i = idx[r]
+        if versions[i] == 0:
+            count += 1
+            continue
+        s, n = _id_at(buf, starts, i)
+        q, m = _id_at(buf, locs, r)
+        if n != m:
+            count += 1
+            continue
+        for j in range(n):
+            if buf[s + j] != buf[q + j]:
+                count += 1
+                break
+    return count
+
+
+@numba.njit(cache=True)
+def _rehash(slots: np.ndarray, buf: np.ndarray, starts: np.ndarray, versions: np.ndarray, n: int) -> None:
+    for i in range(n):
+        if versions[i] > 0:
+            _insert(slots, buf, starts, i)
+
+
+@numba.njit(cache=True)
+def _compact(buf: np.ndarray, starts: np.ndarray, versions: np.ndarray, n: int, out: np.ndarray) -> int:
+    """Copy the held nodes' ids (with prefixes) to `out`, re-pointing `starts`; bytes used."""
+    at = 0
+    for i in range(n):
+        if versions[i] > 0:
+            p, size = np.int64(starts[i]), _id_size(buf, starts, i)
+            out[at:at + size] = buf[p:p + size]
+            starts[i] = at
+            at += size
+    return at
+
+
+def _grown(array: np.ndarray, n: int) -> np.ndarray:
+    """`array` with at least n entries (first axis): 1/16 more than asked, so growing is amortised and
+    what is allocated stays near what is held."""
+    if n <= len(array):
+        return array
+    out = np.zeros((n + n // 16 + 16,) + array.shape[1:], dtype=array.dtype)
+    out[:len(array)] = array
+    return out
+
+
+def _prefixed(ids: list[bytes]) -> tuple[bytes, np.ndarray]:
+    """Ids with their length prefixes, concatenated, and where each starts."""
+    parts = [(len(b).to_bytes(1) if len(b) < 128 else (len(b) | 0x8000).to_bytes(2)) + b for b in ids]
+    sizes = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+    return b"".join(parts), np.concatenate([[0], np.cumsum(sizes)[:-1]]) if len(parts) else sizes
+
+
+class _Rows:
+    """Packed rows of one node kind with versions and external ids. Item rows are held by the
+    scorer's `ItemIndex` (in its layout); user rows as a plain array, with an id -> index hash table.
+
+    `versions[i]` is the version held at i plus one (0: none), u32 until a version does not fit."""
+
+    def __init__(self, width: int, index: ItemIndex | None = None, lookup: type | None = None):
         self.width, self.index = width, index
-        self.rows = None if index is not None else np.zeros((64, width), dtype=np.uint8)
-        self.versions = np.full(64, -1, dtype=np.int64)
-        self.ids: list[str] = []
+        self.rows = None if index is not None else np.zeros((0, width), dtype=np.uint8)
+        self.versions = np.zeros(0, dtype=np.uint32)
+        self.starts = np.zeros(0, dtype=np.uint32)  # offset of each node's id in `ids`
+        self.ids = np.zeros(0, dtype=np.uint8)
+        self.ids_used = self.ids_live = 0  # bytes written to `ids`, and those of the ids held
+        # users: hash slots holding node indices (int32 unless max_nodes needs more); items: none
+        self.slots = np.full(64 if lookup else 0, _EMPTY, dtype=lookup or np.int32)
+        self.slots_used = 0  # slots not empty (deleted ones included)
         self.n = 0  # highest index held + 1
         self.held = 0  # indices with a row
-        self.id_bytes = 0  # sys.getsizeof of the ids held
         self._unpublished: np.ndarray | None = None
 
-    def put(self, update: RowUpdate) -> str | None:
-        """None if older than the row held at the index; else the external id held there before ("" if none)."""
-        i = update.index
-        if i >= len(self.versions):
-            grow = max(i + 1, 2 * len(self.versions))
-            self.versions = np.concatenate([self.versions, np.full(grow - len(self.versions), -1, dtype=np.int64)])
-            if self.rows is not None:
-                self.rows = np.concatenate([self.rows, np.zeros((grow - len(self.rows), self.width), dtype=np.uint8)])
-        if update.version < self.versions[i]:
-            return None
-        row = np.frombuffer(update.row, dtype=np.uint8)
-        if self.index is not None:
-            self.index.put(np.array([i]), row[None, :])
-        else:
-            self.rows[i] = row
-        self.held += int(self.versions[i] < 0)
-        self.versions[i] = update.version
-        self.ids.extend([""] * (i + 1 - len(self.ids)))
-        previous = self.ids[i]
-        self.id_bytes += sys.getsizeof(update.external_id) - (sys.getsizeof(previous) if previous else 0)
-        self.ids[i] = update.external_id
-        self.n = max(self.n, i + 1)
-        self._unpublished = None
-        return previous
+    def reserve(self, n: int) -> None:
+        """Room for n nodes (a meta record says how many come), so tables are not grown one batch at a time."""
+        if n > len(self.versions):
+            self._grow_to(n, exact=True)
+            if self.index is not None:  # ItemIndex grows by doubling; a known size is allocated once
+                units = -(-n // self.index.unit)
+                if units > len(self.index.data):
+                    data = np.zeros((units, self.index.data.shape[1]), dtype=np.uint8)
+                    data[:len(self.index.data)] = self.index.data
+                    self.index.data = data
+        if len(self.slots) and n / len(self.slots) > _RESERVED_LOAD:
+            self._rehash(int(n / _RESERVED_LOAD) + 1)
+
+    def _grow_to(self, n: int, exact: bool = False) -> None:
+        for name in ("versions", "starts") + (("rows",) if self.index is None else ()):
+            array = getattr(self, name)
+            if n > len(array):
+                if exact:
+                    grown = np.zeros((n,) + array.shape[1:], array.dtype)
+                    grown[:len(array)] = array
+                else:
+                    grown = _grown(array, n)
+                setattr(self, name, grown)
+
+    def _rehash(self, capacity: int) -> None:
+        self.slots = np.full(capacity, _EMPTY, dtype=self.slots.dtype)
+        _rehash(self.slots, self.ids, self.starts, self.versions, self.n)
+        self.slots_used = self.held
+
+    def put_many(self, idx: np.ndarray, versions: np.ndarray, rows: np.ndarray, ids: list[bytes]) -> np.ndarray:
+        """Apply rows in order (versions as held: version + 1); which were taken (the others are older
+        than the row held at their index by then)."""
+        if not len(idx):
+            return np.zeros(0, dtype=bool)
+        self._grow_to(int(idx.max()) + 1)
+        if versions.max() > np.iinfo(self.versions.dtype).max:
+            self.versions = self.versions.astype(np.uint64)
+        data, locs = _prefixed(ids)
+        if self.ids_used + len(data) > np.iinfo(self.starts.dtype).max:
+            self.starts = self.starts.astype(np.uint64)
+        self.ids = _grown(self.ids, self.ids_used + len(data))
+        self.ids[self.ids_used:self.ids_used + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        locs += self.ids_used
+        if len(self.slots):
+            new = _new_ids(idx, locs, self.versions, self.starts, self.ids)
+            if (self.slots_used + new) / len(self.slots) > _MAX_LOAD:
+                self._rehash(int((self.held + new) / _GROWN_LOAD) + 1)
+        taken, held, live, used = _put(idx, versions.astype(self.versions.dtype), locs, self.versions, self.starts,
+                                       self.ids, self.slots)
+        self.ids_used += len(data)
+        self.held, self.ids_live, self.slots_used = self.held + held, self.ids_live + live, self.slots_used + used
+        if taken.any():
+            # the last row taken per index is the one held
+            chosen = idx[taken]
+            last = len(chosen) - 1 - np.unique(chosen[::-1], return_index=True)[1]
+            at, kept = chosen[last], rows[taken][last]
+            if self.index is not None:
+                self.index.put(at, kept)
+            else:
+                self.rows[at] = kept
+            self.n = max(self.n, int(at.max()) + 1)
+            self._unpublished = None
+        self._compact_ids()
+        return taken
+
+    def _compact_ids(self) -> None:
+        """Replaced and dropped ids leave dead bytes; copy the live ones out once they are the minority."""
+        if self.ids_used - self.ids_live > max(self.ids_live, 1 << 16):
+            out = np.zeros(self.ids_live + self.ids_live // 16 + 16, dtype=np.uint8)
+            self.ids_used = _compact(self.ids, self.starts, self.versions, self.n, out)
+            self.ids = out
+
+    def external_id(self, i: int) -> str:
+        s, n = _id_at(self.ids, self.starts, i)
+        return self.ids[s:s + n].tobytes().decode()
+
+    def lookup(self, external_id: str) -> int | None:
+        """The index a user id maps to (users only)."""
+        q = np.frombuffer(external_id.encode(), dtype=np.uint8)
+        found = _find(self.slots, self.ids, self.starts, q, 0, len(q))
+        return None if found < 0 else int(self.slots[found])
 
     def drop(self, i: int, external_id: str) -> bool:
         """Forget the row at index i if it is the one of `external_id` (a tombstone of its key)."""
-        if i >= self.n or self.versions[i] < 0 or self.ids[i] != external_id:
+        if i >= self.n or self.versions[i] == 0 or self.external_id(i) != external_id:
             return False
-        self.versions[i] = -1
-        self.id_bytes -= sys.getsizeof(external_id)
-        self.ids[i] = ""
+        if len(self.slots):
+            _unindex(self.slots, self.ids, self.starts, i)
+        self.ids_live -= _id_size(self.ids, self.starts, i)
+        self.versions[i] = 0
         self.held -= 1
         self._unpublished = None  # a dropped item is never scored: its bytes stay, excluded
+        self._compact_ids()
         return True
 
     def indexed(self, index: ItemIndex) -> _Rows:
         """The same rows held by `index` (rows that arrived before the model's meta record)."""
-        table = _Rows(self.width, index)
-        held = np.flatnonzero(self.versions[:self.n] >= 0)
+        held = np.flatnonzero(self.versions[:self.n] > 0)
         index.put(held, self.rows[held])
-        table.versions, table.ids, table.n, table.held, table.id_bytes = \
-            self.versions, self.ids, self.n, self.held, self.id_bytes
+        table = _Rows(self.width, index)
+        for name in ("versions", "starts", "ids", "ids_used", "ids_live", "n", "held"):
+            setattr(table, name, getattr(self, name))
         return table
 
     def unpublished(self) -> np.ndarray:
         """Indices below n without a row (a publication still arriving, or deleted)."""
         if self._unpublished is None:
-            self._unpublished = np.flatnonzero(self.versions[:self.n] < 0)
+            self._unpublished = np.flatnonzero(self.versions[:self.n] == 0)
         return self._unpublished
 
     def complete(self, n: int) -> bool:
@@ -125,7 +359,7 @@ class _Rows:
     def memory_bytes(self) -> int:
         rows = self.rows if self.index is None else self.index.data
         cache = 0 if self._unpublished is None else self._unpublished.nbytes
-        return rows.nbytes + self.versions.nbytes + cache + sys.getsizeof(self.ids) + self.id_bytes
+        return rows.nbytes + self.versions.nbytes + self.starts.nbytes + self.ids.nbytes + self.slots.nbytes + cache
 
 
 class Replica:
@@ -140,26 +374,26 @@ class Replica:
         self.scorer: PackedScorer | None = None
         self.users: _Rows | None = None
         self.items: _Rows | None = None
-        self.user_index: dict[str, int] = {}
-        self.histories: dict[int, tuple[int, np.ndarray]] = {}
-        self.history_bytes = 0  # sys.getsizeof of the histories' keys, tuples, versions and arrays
-        self._batch: WriteBatch | None = None  # persistence of the records being applied (apply_many)
+        self._batch: WriteBatch | None = None  # persistence of the records being applied
+        # history versions of this batch so far (None: deleted); the store holds the rest
+        self._histories: dict[bytes, int | None] = {}
         rejected = 0
-        for key, value in self._stored():  # a restarted replica serves what it had before it reads the topic
-            try:
-                self._apply(key, value, persist=False)
-            except RejectedUpdate:
-                rejected += 1
+        records = self._stored()
+        while chunk := [record for _, record in zip(range(1 << 16), records)]:  # a restarted replica serves
+            outcomes = self._apply_many(chunk, persist=False)                  # what it had before it reads
+            rejected += sum(isinstance(outcome, RejectedUpdate) for outcome in outcomes)
         if rejected:
             log.warning("%s: %d stored records not loaded (they do not fit the stored model)", self.path, rejected)
 
     def _stored(self) -> Iterator[tuple[bytes, bytes]]:
-        """The store's records, the meta record first so that rows are checked against it."""
+        """The store's meta record, then its rows (histories stay in the store until a request reads one)."""
         meta = self.db.get(META_KEY)
         if meta is not None:
             yield META_KEY, meta
-        for key, value in self.db.items():
-            if key != META_KEY:
+        for kind in (b"I", b"U"):
+            for key, value in self.db.items(from_key=kind):
+                if key[:1] != kind:
+                    break
                 yield key, value
 
     def close(self) -> None:
@@ -175,20 +409,94 @@ class Replica:
         return outcome
 
     def apply_many(self, records: list[tuple[bytes, bytes | None]]) -> list[bool | RejectedUpdate]:
-        """Apply records in order, persisted in one WriteBatch (a write per record cost more than the
-        rest of applying it); per record what `apply` returns, or the RejectedUpdate it raises."""
+        """Apply records in order, persisted in one WriteBatch; per record what `apply` returns, or the
+        RejectedUpdate it raises. The end state and every outcome are those of applying them one by one."""
+        return self._apply_many(records, persist=True)
+
+    def _apply_many(self, records: list[tuple[bytes, bytes | None]], persist: bool) -> list[bool | RejectedUpdate]:
         self._batch = WriteBatch(raw_mode=True)
-        out: list[bool | RejectedUpdate] = []
+        self._histories.clear()
+        out: list[bool | RejectedUpdate] = [False] * len(records)
+        # a run of records that only set rows or histories is applied with array operations: rows of the
+        # model's width, well-formed histories; the rest of a run (records that will be rejected, so
+        # change nothing, and rows before any meta record) and meta records and tombstones one by one
+        rows, histories, rest = [], [], []
+        full = self._row_record_bytes()
         try:
-            for key, value in records:
-                try:
-                    out.append(self._apply(key, value, persist=True))
-                except RejectedUpdate as exc:
-                    out.append(exc)
+            for position, (key, value) in enumerate(records):
+                kind = key[:1]
+                if not value or key == META_KEY:
+                    self._apply_run(records, rows, histories, rest, out, persist)
+                    rows, histories, rest = [], [], []
+                    out[position] = self._apply_one(key, value, persist)
+                    full = self._row_record_bytes()
+                elif kind == b"H" and len(key) == 5 and len(value) % 4 == 0:  # u64 version, u32 items
+                    histories.append(position)
+                elif len(value) == full and (kind == b"U" or kind == b"I") and 5 <= len(key) <= 5 + MAX_ID_BYTES:
+                    rows.append(position)
+                else:
+                    rest.append(position)
+            self._apply_run(records, rows, histories, rest, out, persist)
         finally:
-            self.db.write(self._batch)
+            if persist:
+                self.db.write(self._batch)
             self._batch = None
+            self._histories.clear()
         return out
+
+    def _row_record_bytes(self) -> int | None:
+        """Length of a row record's value under the model held (None before any meta record)."""
+        return None if self.meta is None else 8 + self.users.width
+
+    def _apply_one(self, key: bytes, value: bytes | None, persist: bool) -> bool | RejectedUpdate:
+        try:
+            return self._apply(key, value, persist)
+        except RejectedUpdate as exc:
+            return exc
+
+    def _apply_run(self, records: list, rows: list[int], histories: list[int], rest: list[int], out: list,
+                   persist: bool) -> None:
+        if rows:
+            rest += self._apply_rows(records, rows, out, persist)
+        if histories:
+            rest += self._apply_histories(records, histories, out, persist)
+        # in order: rows before any meta record; then what the array passes left, which is rejected
+        for position in rest:
+            out[position] = self._apply_one(*records[position], persist)
+
+    def _apply_rows(self, records: list, run: list[int], out: list, persist: bool) -> list[int]:
+        """Row records of the model's width, in order; the positions left to apply one by one."""
+        batch = decode_rows([records[p][0] for p in run], [records[p][1] for p in run], self.users.width)
+        ok = batch.valid & (batch.index < self.max_nodes) & (batch.version < np.uint64(1 << 63))
+        taken = np.zeros(len(run), dtype=bool)
+        for table, mine in ((self.users, batch.user & ok), (self.items, ~batch.user & ok)):
+            at = np.flatnonzero(mine)
+            taken[at] = table.put_many(batch.index[at], batch.version[at] + np.uint64(1), batch.rows[at],
+                                       [batch.external_ids[k] for k in at.tolist()])
+        for k, fresh in zip(np.flatnonzero(ok).tolist(), taken[ok].tolist()):
+            out[run[k]] = fresh
+            if fresh and persist:
+                self._batch.put(*records[run[k]])
+        return [run[k] for k in np.flatnonzero(~ok).tolist()]  # each rejected with its reason there
+
+    def _apply_histories(self, records: list, run: list[int], out: list, persist: bool) -> list[int]:
+        """History records, in order, their held versions read from the store in one multi-get; the
+        positions left to apply one by one."""
+        keys = [records[p][0] for p in run]
+        ok = np.frombuffer(b"".join(k[1:5] for k in keys), dtype=">u4") < self.max_nodes
+        unknown = [key for key in dict.fromkeys(keys) if key not in self._histories]
+        for key, value in zip(unknown, self.db[unknown] if unknown else []):
+            self._histories[key] = None if value is None else int.from_bytes(value[:8], "little")
+        for position, key, fits in zip(run, keys, ok.tolist()):
+            if fits:
+                value = records[position][1]
+                version, held = int.from_bytes(value[:8], "little"), self._histories[key]
+                out[position] = fresh = held is None or version >= held
+                if fresh:
+                    self._histories[key] = version
+                    if persist:
+                        self._batch.put(key, value)
+        return [position for position, fits in zip(run, ok.tolist()) if not fits]
 
     def _apply(self, key: bytes, value: bytes | None, persist: bool) -> bool:
         if not value:
@@ -200,7 +508,7 @@ class Replica:
                 raise RejectedUpdate("malformed", f"meta record: {exc}") from None
             fresh = self._apply_meta(meta)
         else:
-            fresh = self._apply_record(_decode(key, value))
+            fresh = self._apply_record(key, _decode(key, value))
         if fresh and persist:
             self._batch.put(key, value)
         return fresh
@@ -232,45 +540,50 @@ class Replica:
             self.scorer = index.scorer
             # rows that came before the first meta record are kept if they fit (items move into the index)
             if self.meta is not None or self.users is None or self.users.width != width:
-                self.users = _Rows(width)
-                self.user_index.clear()
+                self.users = self._user_table(width)
             fits = self.meta is None and self.items is not None and self.items.width == width
             self.items = self.items.indexed(index) if fits else _Rows(width, index)
         self.meta = meta
+        self.users.reserve(meta["n_users"])
+        self.items.reserve(meta["n_items"])
         return True
+
+    def _user_table(self, width: int) -> _Rows:
+        return _Rows(width, lookup=np.int32 if self.max_nodes < 1 << 31 else np.int64)
 
     def _reset(self) -> None:
         self.meta = self.scorer = self.users = self.items = None
-        self.user_index.clear()
-        self.histories.clear()
-        self.history_bytes = 0
+        self._histories.clear()
         if self._batch is not None:  # what came before the reset is written first, then wiped
             self.db.write(self._batch)
             self._batch = WriteBatch(raw_mode=True)
         self.db.delete_range(b"\x00", b"\xff")
 
-    def _apply_record(self, update: RowUpdate | HistoryUpdate) -> bool:
+    def _apply_record(self, key: bytes, update: RowUpdate | HistoryUpdate) -> bool:
         index = update.user if isinstance(update, HistoryUpdate) else update.index
         if index >= self.max_nodes:  # never allocated: a corrupt or hostile index
             raise RejectedUpdate("index", f"node index {index} >= max_nodes={self.max_nodes}")
         if isinstance(update, HistoryUpdate):
-            held = self.histories.get(update.user)
-            if held is not None and update.version < held[0]:
+            held = self._history_version(key)
+            if held is not None and update.version < held:
                 return False
-            self._drop_history(update.user)
-            entry = (update.version, update.items)
-            self.histories[update.user] = entry
-            self.history_bytes += _history_bytes(entry)
+            self._histories[key] = update.version
             return True
         if update.version >= 1 << 63:  # versions are held as int64
             raise RejectedUpdate("malformed", f"version {update.version} out of range")
-        previous = self._table_for(update).put(update)
-        if previous is None:
-            return False
-        if update.kind == "user":
-            self._unindex(previous, update.index)  # another id at this index: the old one is gone
-            self.user_index[update.external_id] = update.index
-        return True
+        external_id = key[5:]
+        if len(external_id) > MAX_ID_BYTES:
+            raise RejectedUpdate("malformed", f"external id of {len(external_id)} bytes (at most {MAX_ID_BYTES})")
+        table = self._table_for(update)
+        return bool(table.put_many(np.array([update.index]), np.array([update.version + 1], dtype=np.uint64),
+                                   np.frombuffer(update.row, dtype=np.uint8)[None, :], [external_id])[0])
+
+    def _history_version(self, key: bytes) -> int | None:
+        """Version of the history held for a key (None: none), as of the records applied so far."""
+        if key in self._histories:
+            return self._histories[key]
+        value = self.db.get(key)
+        return None if value is None else int.from_bytes(value[:8], "little")
 
     def _table_for(self, update: RowUpdate) -> _Rows:
         """The table a row goes to; RejectedUpdate if its width differs from the model's (the meta
@@ -286,7 +599,7 @@ class Replica:
             raise RejectedUpdate("width", f"{update.kind} row of {width} bytes, no model's rows have that")
         table = getattr(self, name)
         if table is None or table.width != width:
-            table = _Rows(width)  # rows may precede the first meta record
+            table = self._user_table(width) if name == "users" else _Rows(width)  # rows may precede the meta
             setattr(self, name, table)
         return table
 
@@ -295,25 +608,14 @@ class Replica:
             raise RejectedUpdate("malformed", "a tombstone of the meta record")
         update = _decode(key, bytes(8))  # a tombstone has no value: decode its key with an empty one
         if isinstance(update, HistoryUpdate):
-            dropped = self._drop_history(update.user)
+            dropped = self._history_version(key) is not None
+            self._histories[key] = None
         else:
             table = self.users if update.kind == "user" else self.items
             dropped = table is not None and table.drop(update.index, update.external_id)
-            if dropped and update.kind == "user":
-                self._unindex(update.external_id, update.index)
         if persist:
             self._batch.delete(key)
         return dropped
-
-    def _unindex(self, user: str, index: int) -> None:
-        if self.user_index.get(user) == index:
-            del self.user_index[user]
-
-    def _drop_history(self, user: int) -> bool:
-        held = self.histories.pop(user, None)
-        if held is not None:
-            self.history_bytes -= _history_bytes(held)
-        return held is not None
 
     @property
     def ready(self) -> bool:
@@ -333,26 +635,26 @@ class Replica:
 
     @property
     def memory_bytes(self) -> int:
-        """Estimate of the memory held: row arrays (as allocated), versions, ids, the user index and
-        histories, Python object overheads included."""
-        tables = sum(t.memory_bytes for t in (self.users, self.items) if t is not None)
-        user_index = sys.getsizeof(self.user_index) + _INT_BYTES * len(self.user_index)  # keys are the ids
-        return tables + user_index + sys.getsizeof(self.histories) + self.history_bytes
+        """Bytes of the arrays held: rows (as allocated), versions, ids and the user id index.
+        Histories are in the store, not in memory; fixed overheads (a few KiB) are not counted."""
+        return sum(t.memory_bytes for t in (self.users, self.items) if t is not None)
 
     def recommend(self, user: str, k: int) -> dict:
         """Top-k items for an external user id, the user's own items excluded."""
         if self.meta is None:  # with a meta record come both tables, items in the index
             raise NotReady("no model received yet")
-        idx = self.user_index.get(user)
+        idx = self.users.lookup(user)
         if idx is None:
             raise UnknownUser(f"unknown user {user!r}")
         vector = self.scorer.user_vector(self.users.rows[idx])
-        _, history = self.histories.get(idx, (0, np.zeros(0, dtype=np.int64)))
+        held = self.db.get(b"H" + idx.to_bytes(4, "big"))
+        history = np.zeros(0, dtype=np.int64) if held is None else np.frombuffer(held, "<u4", offset=8).astype(np.int64)
         # rows of a publication still arriving are served already; items not yet arrived are skipped
         best, best_scores = self.items.index.top_k(vector, k, np.concatenate([history, self.items.unpublished()]))
         return {"user": user, "k": k, "model_version": self.model_version,
-                "user_version": int(self.users.versions[idx]),
-                "items": [{"item": self.items.ids[i], "score": float(s)} for i, s in zip(best.tolist(), best_scores)]}
+                "user_version": int(self.users.versions[idx]) - 1,
+                "items": [{"item": self.items.external_id(i), "score": float(s)}
+                          for i, s in zip(best.tolist(), best_scores)]}
 
     def info(self) -> dict:
         return {"model_version": self.model_version, "users": 0 if self.users is None else self.users.held,
@@ -365,7 +667,3 @@ def _decode(key: bytes, value: bytes) -> RowUpdate | HistoryUpdate:
         return decode_update(key, value)
     except UpdateFormatError as exc:
         raise RejectedUpdate("malformed", str(exc)) from None
-
-
-def _history_bytes(entry: tuple[int, np.ndarray]) -> int:
-    return _INT_BYTES + sys.getsizeof(entry) + sys.getsizeof(entry[0]) + sys.getsizeof(entry[1])

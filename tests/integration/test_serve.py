@@ -1,4 +1,4 @@
-"""Recommender replicas (`gnaq-stream serve`, faust) following a real learner through a real broker."""
+"""Recommender replicas (`gnaq-stream serve`: aiokafka + aiohttp) following a real learner through a real broker."""
 
 from __future__ import annotations
 
@@ -259,7 +259,7 @@ def scrape(replica: Replica, sample: str) -> float:
     return float(re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M).group(1))
 
 
-def test_readiness_bad_records_a_model_switch_and_no_faust_pages(kafka_broker, replicas):
+def test_readiness_bad_records_a_model_switch_and_no_internal_pages(kafka_broker, replicas):
     bootstrap = kafka_broker.bootstrap
     create_topic(bootstrap, "upd", partitions=2)  # the learner refuses this; a replica reads partition 0 only
     (replica,) = replicas("upd", 1)

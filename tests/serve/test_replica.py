@@ -162,7 +162,7 @@ def test_a_tombstone_drops_only_the_row_of_its_own_key(tmp_path):
     assert not replica.ready and replica.info()["users"] == 4  # u0's row is missing now
     item = learner.graph.items.external[6]
     assert replica.apply(row_key("item", 6, item), None)
-    assert replica.apply(b"H\x00\x00\x00\x01", None) and 1 not in replica.histories
+    assert replica.apply(b"H\x00\x00\x00\x01", None) and replica.db.get(b"H\x00\x00\x00\x01") is None
     answer = {row["item"] for row in replica.recommend("u1", 10)["items"]}
     assert item not in answer  # a deleted item is never recommended
     assert answer & {learner.graph.items.external[i] for i in learner.graph.user_items[1]}  # history gone
@@ -316,30 +316,165 @@ def test_ready_only_once_a_complete_model_is_held(tmp_path):
     holey.close()
 
 
-def test_memory_estimate_grows_with_users_and_matches_what_python_allocates(tmp_path):
-    _, records = _published(A_EVENTS)
-    meta = decode_meta(records[-1][1])
-    row = next(value for key, value in records if key[:1] == b"U")[8:]
+def _synthetic_rows(n: int, width: int, version: int = 1, seed: int = 0) -> list:
+    """Row records of n users and n items with random bytes and short ids ("u17", "i17")."""
+    rows = np.random.default_rng(seed).integers(0, 256, size=(2 * n, width), dtype=np.uint8)
+    return [row_record(kind, k, f"{kind[0]}{k}", version, rows[2 * k + (kind == "item")].tobytes())
+            for k in range(n) for kind in ("user", "item")]
+
+
+def test_memory_per_node_is_within_twice_the_row_and_matches_what_python_allocates(tmp_path):
+    meta = {"model_id": "m", "dim": 64, "bits": 2, "level_dtype": "fp8", "version": 1, "n_users": 20000,
+            "n_items": 20000}
+    width = 20  # 16 code bytes and 4 fp8 levels
+    rows = _synthetic_rows(20000, width)
+    warm = _fed(tmp_path / "warm", [meta_record(meta)] + rows[:10])  # compiled kernels loaded before counting
+    warm.close()
     replica = Replica(tmp_path / "r")
+    tracemalloc.start()
     replica.apply(*meta_record(meta))
-    sizes, start = [replica.memory_bytes], 0
-    for n in (500, 2000):
-        tracemalloc.start()
-        for u in range(start, n):
-            replica.apply(*row_record("user", u, f"user-{u}", 1, row))
-            replica.apply(*history_record(u, 1, np.arange(u % 20)))
-        allocated = tracemalloc.get_traced_memory()[0]
-        tracemalloc.stop()
-        sizes.append(replica.memory_bytes)
-        # row, version, id and its list slot, index entry, history tuple, array and ints: ~400 bytes a user here
-        assert 0.75 < (sizes[-1] - sizes[-2]) / allocated < 1.33 and sizes[-1] >= replica.model_bytes + sizes[0]
-        start = n
-    assert (sizes[2] - sizes[1]) / 1500 > 10 * len(row)
-    for u in range(2000):
-        replica.apply(row_key("user", u, f"user-{u}"), None)
-        replica.apply(b"H" + u.to_bytes(4, "big"), None)
-    assert replica.memory_bytes < sizes[1]  # rows' arrays stay allocated, the rest is released
+    for start in range(0, len(rows), 5000):
+        assert all(outcome is True for outcome in replica.apply_many(rows[start:start + 5000]))
+    allocated = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert replica.ready and replica.model_bytes == 40000 * width
+    # row, version, id (offset, length, bytes) and, for users, a hash slot: at most twice the row
+    assert replica.memory_bytes <= 2 * replica.model_bytes
+    assert 0.8 < replica.memory_bytes / allocated < 1.25
+    assert replica.recommend("u123", 5)["user"] == "u123"
+    memory = replica.memory_bytes
+    replica.apply_many([(row_key("user", u, f"u{u}"), None) for u in range(10000)])
+    assert replica.info()["users"] == 10000 and replica.memory_bytes <= memory  # arrays stay allocated
+    with pytest.raises(UnknownUser):
+        replica.recommend("u123", 5)
     replica.close()
+
+
+def test_ids_replaced_many_times_are_compacted_and_every_held_id_is_found(tmp_path):
+    _, records = _published(A_EVENTS)
+    row = next(value for key, value in records if key[:1] == b"U")[8:]
+    replica = Replica(tmp_path / "r")  # no meta record: tables grow (and rehash) as rows come
+    n = 3000
+    for version in range(1, 6):  # every user renamed each time: the old ids' bytes are dead
+        outcomes = replica.apply_many([row_record("user", u, f"user-{u}-v{version}-{'x' * 20}", version, row)
+                                       for u in range(n)])
+        assert outcomes == [True] * n
+    users = replica.users
+    assert users.ids_used < 2 * users.ids_live  # compacted: the dead bytes were dropped
+    assert replica.apply_many([(row_key("user", u, f"user-{u}-v5-{'x' * 20}"), None) for u in range(0, n, 2)]) \
+        == [True] * (n // 2)
+    replica.apply(*[record for record in records if record[0] == META_KEY][-1])  # the model's shape: rows kept
+    for u in range(n):
+        held = replica.users.lookup(f"user-{u}-v5-{'x' * 20}")
+        assert held == (u if u % 2 else None) and replica.users.lookup(f"user-{u}-v4-{'x' * 20}") is None
+        if u % 2:
+            assert replica.users.external_id(u) == f"user-{u}-v5-{'x' * 20}"
+    replica.close()
+
+
+# --- applying a batch: the same as one record at a time ------------------------------------------
+
+def _state(replica: Replica, users) -> tuple:
+    answers = {}
+    for user in users:
+        try:
+            answers[user] = replica.recommend(user, 50)
+        except (UnknownUser, NotReady) as exc:
+            answers[user] = type(exc).__name__
+    return replica.info(), replica.ready, answers, dict(replica.db.items())
+
+
+def _outcome(outcome) -> object:
+    return outcome.reason if isinstance(outcome, RejectedUpdate) else outcome
+
+
+def test_a_batch_applies_its_good_records_and_rejects_each_bad_one_with_its_reason(tmp_path):
+    learner, records = _published(A_EVENTS)
+    row = next(value for key, value in records if key[:1] == b"U")[8:]
+    replica = Replica(tmp_path / "r", max_nodes=1000)
+    replica.apply(*records[0])  # the first meta record: rows after it go the batch way
+    bad = {
+        "malformed": [(b"U\x00\x00\x00\x00\xff\xfe", struct.pack("<Q", 9) + row), row_record("user", 0, "u0", 2**63, row),
+                      row_record("item", 1, "x" * 1025, 9, row), (b"Z\x00\x00\x00\x00", row)],
+        "width": [row_record("user", 0, "u0", 9, row + b"\x00"), row_record("item", 3, "i3", 9, row[:-1])],
+        "index": [row_record("user", 1000, "far", 9, row), row_record("item", 5000, "far", 9, row),
+                  history_record(1000, 9, np.arange(3))],
+    }
+    batch, expected = [], []
+    for k, record in enumerate(records[1:]):
+        batch.append(record)
+        expected.append(True)
+        reason = list(bad)[k % 3]
+        if bad[reason]:
+            batch.append(bad[reason].pop())
+            expected.append(reason)
+    assert not any(bad.values())
+    assert [_outcome(o) for o in replica.apply_many(batch)] == expected
+    reference = _fed(tmp_path / "reference", records)
+    users = list(learner.graph.users.external)
+    assert replica.ready and _state(replica, users) == _state(reference, users)
+    replica.close()
+    reference.close()
+
+
+def test_an_older_record_in_the_same_batch_as_a_newer_one_leaves_the_newer(tmp_path):
+    _, records = _published(A_EVENTS)
+    replica = _fed(tmp_path / "r", records)
+    rows = {key: value for key, value in records if key[:1] in b"UIH"}
+    (user_key, user_value), (item_key, item_value) = [next((k, v) for k, v in rows.items() if k[:1] == kind)
+                                                      for kind in (b"U", b"I")]
+    history_key = next(k for k in rows if k[:1] == b"H")
+    newer = [(user_key, struct.pack("<Q", 50) + user_value[8:][::-1]), (item_key, struct.pack("<Q", 50) + item_value[8:]),
+             (history_key, struct.pack("<Q", 50) + np.arange(2, dtype="<u4").tobytes())]
+    older = [(key, struct.pack("<Q", 40) + value[8:]) for key, value in newer]
+    outcomes = replica.apply_many([newer[0], older[0], older[1], newer[1], newer[2], older[2]])
+    assert outcomes == [True, False, True, True, True, False]
+    for key, value in newer:
+        assert replica.db.get(key) == value  # the newer record is the one stored
+    user = user_key[5:].decode()
+    assert replica.recommend(user, 3)["user_version"] == 50
+    restarted = Replica(tmp_path / "restarted")  # and the one served: same as the newer alone
+    for key, value in records + newer:
+        restarted.apply(key, value)
+    assert replica.recommend(user, 20) == restarted.recommend(user, 20)
+    replica.close()
+    restarted.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_batch_ends_in_the_state_of_its_records_applied_one_by_one(tmp_path, seed):
+    """Two models, tombstones, rows before and after meta records, duplicates, stale versions and
+    bad records, cut into random batches: same outcomes, same state, same store as one by one."""
+    a, a_records = _published(A_EVENTS)
+    a_keys = list(dict.fromkeys(key for key, _ in a_records if key != META_KEY))
+    b, b_records = _published(B_EVENTS, stale_keys=a_keys)
+    rng = random.Random(seed)
+    row = next(value for key, value in a_records if key[:1] == b"U")[8:]
+    extra = [row_record("user", 0, "u0", 0, row), row_record("item", 2, "moved", 10**6, row),
+             row_record("user", 3, "u3", 10**6, row + b"\x00"), (row_key("user", 1, "u1"), None),
+             (b"H\x00\x00\x00\x02", None), history_record(2, 10**6, np.arange(4)), (META_KEY, b"[]")]
+    topic = a_records[:]
+    for record in extra:
+        topic.insert(rng.randrange(1, len(topic)), record)
+    topic += rng.sample(a_records, 5) + b_records
+    one_by_one, batched = Replica(tmp_path / "one"), Replica(tmp_path / "batched")
+    single, grouped = [], []
+    for record in topic:
+        try:
+            single.append(one_by_one.apply(*record))
+        except RejectedUpdate as exc:
+            single.append(exc.reason)
+    at = 0
+    while at < len(topic):
+        size = rng.randrange(1, 12)
+        grouped += [_outcome(o) for o in batched.apply_many(topic[at:at + size])]
+        at += size
+    users = list(a.graph.users.external) + list(b.graph.users.external) + ["moved"]
+    assert grouped == single and "width" in single and False in single
+    assert _state(batched, users) == _state(one_by_one, users)
+    one_by_one.close()
+    batched.close()
+    assert _state(Replica(tmp_path / "batched"), users) == _state(Replica(tmp_path / "one"), users)
 
 
 def test_a_micro_batch_publishes_the_rows_of_its_new_users_and_items_without_a_propagation(tmp_path):
@@ -373,4 +508,4 @@ def test_a_history_too_long_for_one_kafka_request_is_cut_to_its_latest_items(mon
     publisher.publish(learner, np.array([0]))
     (value,) = [v for k, v in producer.records if k == b"H" + (0).to_bytes(4, "big")]
     held = np.frombuffer(value[8:], dtype="<u4").tolist()
-    assert held == learner.graph.user_items[0][-3:] and len(learner.graph.user_items[0]) > 3
+    assert held == list(learner.graph.user_items[0][-3:]) and len(learner.graph.user_items[0]) > 3
