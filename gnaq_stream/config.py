@@ -97,8 +97,10 @@ class LearnerConfig:
     prequential_sample: float = 0.02
     prequential_window: int = 5000
     # item scores per event at most, on average: bounds scoring's cost per event on any catalogue
-    # (binds above 100k items at the default sample; gowalla, yelp2018, amazon-book are below)
-    prequential_max_scores: int = 2000
+    # (binds above 50k items at the default sample: not on gowalla or yelp2018; amazon-book's 91.6k
+    # items are scored for 1.1% of events instead of 2%). At 500k items and 2000 it took ~30% of
+    # the learner's time (benchmarks/scale.py)
+    prequential_max_scores: int = 1000
     refresh_seconds: float = 10.0
     refresh_max_share: float = 0.25  # of wall time: a slower propagation runs less often than refresh_seconds
     serve_bits: int = 0  # bits of the published serving rows; 0 = the model's bits

@@ -57,6 +57,30 @@ def _bipartite_csr(keys: np.ndarray, item_users: np.ndarray, deg_u: np.ndarray, 
                                    torch.from_numpy(values), size=(n, n))
 
 
+def _neighbours(ptr: np.ndarray, merged: np.ndarray, pending: np.ndarray, nodes: np.ndarray,
+                cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """(position in `nodes`, neighbour) of each edge of these nodes, grouped by position: first from
+    their merged rows (row starts `ptr`, neighbours `merged`, masked to 32 bits), then from `pending`
+    (sorted node << 32 | neighbour keys); at most `cap` per node (0 = all). A node added since the
+    row starts were computed has an empty merged row."""
+    nodes = np.asarray(nodes, dtype=np.int64)
+    known = nodes < len(ptr) - 1
+    starts, lengths = np.zeros(len(nodes), dtype=np.int64), np.zeros(len(nodes), dtype=np.int64)
+    starts[known] = ptr[nodes[known]]
+    lengths[known] = ptr[nodes[known] + 1] - starts[known]
+    p_starts = np.searchsorted(pending, nodes << 32)
+    p_lengths = np.searchsorted(pending, (nodes + 1) << 32) - p_starts
+    if cap:
+        lengths = np.minimum(lengths, cap)
+        p_lengths = np.minimum(p_lengths, cap - lengths)
+    owner, pos = _segments(starts, lengths)
+    p_owner, p_pos = _segments(p_starts, p_lengths)
+    owner = np.concatenate([owner, p_owner])
+    values = np.concatenate([merged[pos].astype(np.int64), pending[p_pos]]) & ITEM_MASK
+    order = np.argsort(owner, kind="stable")
+    return owner[order], values[order]
+
+
 def _segments(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(owner, position) of every element of the segments [starts[k], starts[k] + lengths[k])."""
     owner = np.repeat(np.arange(len(starts)), lengths)
@@ -238,6 +262,7 @@ class InteractionGraph:
         self._item_ptr = np.zeros(1, dtype=np.int64)
         self._pending = np.zeros(0, dtype=np.int64)  # edges since the last merge, sorted
         self._pending_counts = np.zeros(0, dtype=np.uint32)
+        self._pending_by_item = np.zeros(0, dtype=np.int64)  # the same as item << 32 | user, sorted
         self._deg_u, self._deg_i = _Array(np.int32), _Array(np.int32)
         self.n_events = 0
         self.user_items, self.item_users = _Neighbours(self.items_of_users), _Neighbours(self.users_of_items)
@@ -281,6 +306,8 @@ class InteractionGraph:
         at = np.searchsorted(self._pending, keys)
         self._pending = np.insert(self._pending, at, keys)
         self._pending_counts = np.insert(self._pending_counts, at, counts)
+        flipped = np.sort((keys & ITEM_MASK) << 32 | keys >> 32)
+        self._pending_by_item = np.insert(self._pending_by_item, np.searchsorted(self._pending_by_item, flipped), flipped)
         _count_into(self._deg_u.view, keys >> 32)
         _count_into(self._deg_i.view, keys & ITEM_MASK)
         if len(self._pending) >= MERGE_EDGES:
@@ -304,11 +331,10 @@ class InteractionGraph:
             self._keys = np.insert(self._keys, at, new)
             self._counts = np.insert(self._counts, at, self._pending_counts)
             # a new edge goes to the end of its item's row
-            users, items = (new >> 32).astype(np.int32), new & ITEM_MASK
-            order = np.argsort(items, kind="stable")
-            ends = self._item_ptr[np.minimum(items[order] + 1, len(self._item_ptr) - 1)]
-            self._item_users = np.insert(self._item_users, ends, users[order])
-            self._pending = np.zeros(0, dtype=np.int64)
+            by_item = self._pending_by_item
+            ends = self._item_ptr[np.minimum((by_item >> 32) + 1, len(self._item_ptr) - 1)]
+            self._item_users = np.insert(self._item_users, ends, (by_item & ITEM_MASK).astype(np.int32))
+            self._pending = self._pending_by_item = np.zeros(0, dtype=np.int64)
             self._pending_counts = np.zeros(0, dtype=np.uint32)
         for kind, ptr in (("_user_ptr", self._deg_u.view), ("_item_ptr", self._deg_i.view)):
             if len(new) or len(getattr(self, kind)) != len(ptr) + 1:
@@ -321,53 +347,12 @@ class InteractionGraph:
     def items_of_users(self, users: np.ndarray, cap: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(position in `users`, item) of each edge of these users, grouped by position; at most
         `cap` per user (0 = all): the first of the merged edges, then pending ones."""
-        users = np.asarray(users, dtype=np.int64)
-        merged = users < len(self._user_ptr) - 1
-        starts = np.zeros(len(users), dtype=np.int64)
-        lengths = np.zeros(len(users), dtype=np.int64)
-        starts[merged] = self._user_ptr[users[merged]]
-        lengths[merged] = self._user_ptr[users[merged] + 1] - starts[merged]
-        p_starts = np.searchsorted(self._pending, users << 32)
-        p_lengths = np.searchsorted(self._pending, (users + 1) << 32) - p_starts
-        if cap:
-            lengths = np.minimum(lengths, cap)
-            p_lengths = np.minimum(p_lengths, cap - lengths)
-        owner, pos = _segments(starts, lengths)
-        p_owner, p_pos = _segments(p_starts, p_lengths)
-        owner = np.concatenate([owner, p_owner])
-        items = np.concatenate([self._keys[pos], self._pending[p_pos]]) & ITEM_MASK
-        order = np.argsort(owner, kind="stable")
-        return owner[order], items[order]
+        return _neighbours(self._user_ptr, self._keys, self._pending, users, cap)
 
     def users_of_items(self, items: np.ndarray, cap: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(position in `items`, user) of each edge of these items, grouped by position; at most
-        `cap` per item (0 = all): merged edges first, then pending ones."""
-        items = np.asarray(items, dtype=np.int64)
-        merged = items < len(self._item_ptr) - 1
-        starts = np.zeros(len(items), dtype=np.int64)
-        lengths = np.zeros(len(items), dtype=np.int64)
-        starts[merged] = self._item_ptr[items[merged]]
-        lengths[merged] = self._item_ptr[items[merged] + 1] - starts[merged]
-        if cap:
-            lengths = np.minimum(lengths, cap)
-        owner, pos = _segments(starts, lengths)
-        users = self._item_users[pos].astype(np.int64)
-        if len(self._pending):  # pending edges are sorted by user: find these items' among them
-            p_items = self._pending & ITEM_MASK
-            hit = np.flatnonzero(np.isin(p_items, items))
-            # an item may be asked for at several positions: each of its edges goes to each of them
-            by_item = np.argsort(items, kind="stable")
-            first = np.searchsorted(items[by_item], p_items[hit])
-            last = np.searchsorted(items[by_item], p_items[hit], side="right")
-            edge, at = _segments(first, last - first)
-            owner = np.concatenate([owner, by_item[at]])
-            users = np.concatenate([users, self._pending[hit[edge]] >> 32])
-        order = np.argsort(owner, kind="stable")
-        owner, users = owner[order], users[order]
-        if cap:  # merged edges come first within each position
-            keep = np.arange(len(owner)) - np.searchsorted(owner, owner) < cap
-            owner, users = owner[keep], users[keep]
-        return owner, users
+        `cap` per item (0 = all): the first of the merged edges, then pending ones."""
+        return _neighbours(self._item_ptr, self._item_users, self._pending_by_item, items, cap)
 
     def user_degrees(self, users: np.ndarray | None = None) -> np.ndarray:
         """Distinct items of each user (all users, or these)."""
@@ -405,6 +390,6 @@ class InteractionGraph:
     def nbytes(self) -> int:
         """Memory held by the graph: edges, degrees, row starts and id maps."""
         arrays = (self._keys, self._counts, self._item_users, self._user_ptr, self._item_ptr, self._pending,
-                  self._pending_counts)
+                  self._pending_counts, self._pending_by_item)
         return (sum(a.nbytes for a in arrays) + self._deg_u.nbytes + self._deg_i.nbytes
                 + self.users.nbytes + self.items.nbytes)

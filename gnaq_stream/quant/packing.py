@@ -86,11 +86,31 @@ def check_levels(levels: torch.Tensor, level_dtype: str) -> None:
                           f"{largest:.4g}")
 
 
-def round_levels(levels: torch.Tensor, level_dtype: str) -> torch.Tensor:
+_RAW = {torch.float16: torch.int16, torch.float8_e4m3fn: torch.uint8}
+
+
+def round_levels(levels: torch.Tensor, level_dtype: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """Levels as they come back from storage in `level_dtype`, as float32; a LevelRangeError for
-    levels it cannot hold."""
+    levels it cannot hold. With a generator the rounding is stochastic: to one of the two storage
+    values around each level, with probabilities that make it unbiased, so steps smaller than the
+    storage resolution move the stored levels in expectation instead of being rounded away."""
     check_levels(levels, level_dtype)
-    return levels.detach().to(check_level_dtype(level_dtype)).to(torch.float32)
+    dtype = check_level_dtype(level_dtype)
+    x = levels.detach().float()
+    stored = x.to(dtype)
+    nearest = stored.float()
+    if generator is None or dtype == torch.float32:
+        return nearest
+    # the storage value on x's other side: one step of the raw bits (sign-magnitude: +1 is away from 0)
+    raw = stored.view(_RAW[dtype]).to(torch.int32)
+    away = (x.abs() > nearest.abs()).to(torch.int32)
+    sign_bit = 1 << (8 * stored.element_size() - 1)
+    other_raw = torch.where(nearest == 0, torch.where(x < 0, sign_bit | 1, 1), raw + 2 * away - 1)
+    other = other_raw.to(_RAW[dtype]).view(dtype).float()
+    gap = (other - nearest).abs()
+    p_other = torch.where(gap > 0, (x - nearest).abs() / gap, torch.zeros_like(x))
+    take = torch.rand(x.shape, generator=generator) < p_other
+    return torch.where(take & (x != nearest), other, nearest)
 
 
 def pack_rows(codes: np.ndarray, levels: torch.Tensor, bits: int, level_dtype: str) -> np.ndarray:

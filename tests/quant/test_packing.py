@@ -130,3 +130,20 @@ def test_non_finite_levels_are_an_error(level_dtype, bad):
         pack_rows(np.zeros((2, 3), np.uint8), levels, 2, level_dtype)
     with pytest.raises(ValueError):  # a ValueError like every other malformed input of pack_rows
         round_levels(levels, level_dtype)
+
+
+@pytest.mark.parametrize("level_dtype", ["fp8", "fp16"])
+def test_stochastic_rounding_is_unbiased_and_lands_on_the_two_storage_values_around(level_dtype):
+    values = torch.tensor([0.1, -0.1, 0.3001, -3.3, 1e-5, -1e-5, 0.0, 1.0, 200.0])
+    levels = values.repeat(40_000, 1)
+    rounded = round_levels(levels, level_dtype, torch.Generator().manual_seed(0))
+    assert torch.equal(round_levels(rounded, level_dtype), rounded)  # every value storable as is
+    nearest = round_levels(values, level_dtype)
+    for k, x in enumerate(values.tolist()):
+        seen = sorted(set(rounded[:, k].tolist()))
+        assert len(seen) <= 2 and nearest[k].item() in seen and min(seen) <= x <= max(seen)
+        if len(seen) == 2:  # the mean is x, within the sampling error of 40,000 draws
+            gap = seen[1] - seen[0]
+            assert abs(rounded[:, k].mean().item() - x) < 5 * gap * 0.5 / 200
+    # nearest rounding of the same values is biased wherever x is not storable
+    assert (nearest != values).any()

@@ -250,3 +250,39 @@ def test_a_node_without_neighbours_starts_near_the_running_mean_of_its_kind():
     torch.testing.assert_close(learner.users.mean, learner.users.latent[:300].float().mean(0))
     learner.apply_micro_batch([Event("alone", "new-item", 1.0)])
     assert (learner.users.latent[300] - mean).abs().max() < 0.5  # the mean plus noise of scale 0.1
+
+
+def _stored_rows_after_one_batch(tmp_path, name, refine_steps, monkeypatch=None):
+    from gnaq_stream.store.embedding_store import EmbeddingStore
+
+    rng = np.random.default_rng(0)
+    # 100 users, 200 items; levels mostly beyond 1/8, where an fp8 spacing exceeds twice a step
+    emb = torch.from_numpy(rng.normal(0, 2.0, (300, 16)).astype(np.float32))
+    edges = np.stack([rng.integers(0, 100, 2000), rng.integers(0, 200, 2000)], axis=1)
+    model = StoredModel(method="fp", n_users=100, n_items=200, dim=16, n_layers=2, embedding=emb, edges=edges)
+    cfg = LearnerConfig(dim=16, bits=2, level_dtype="fp8", refine_steps=refine_steps, prequential_sample=0.0)
+    learner = StreamLearner.from_checkpoint(model, cfg)
+    with EmbeddingStore(tmp_path / name) as store:
+        store.write(learner.initial_changes())
+        for b in range(5):  # refinement steps accumulate over batches, or are rounded away each time
+            batch = [Event(str(u), str(i), 1.0) for u, i in zip(rng.integers(0, 100, 400), rng.integers(0, 200, 400))]
+            store.write(learner.changes(learner.apply_micro_batch(batch), {("t", 0): 400 * (b + 1)}))
+        back = StreamLearner.from_state(store.load(cfg))
+    return np.concatenate([back.users.packed(np.arange(100)), back.items.packed(np.arange(200))])
+
+
+def test_refinement_changes_the_stored_rows_and_rounding_to_nearest_erased_most_of_it(tmp_path, monkeypatch):
+    """Refinement's steps (~5e-3) are under half an fp8 spacing for most levels: stochastic rounding
+    keeps them in expectation, so many more stored levels differ from the same batches unrefined
+    than with rounding to nearest (what the learner did before). Checked on the stores."""
+    from gnaq_stream.quant import packing
+    from gnaq_stream.stream import learner as learner_module
+
+    levels = slice(packing.code_bytes(16, 2), None)  # a row's level bytes (its codes change by RAU either way)
+    unrefined = _stored_rows_after_one_batch(tmp_path, "none", 0)[:, levels]
+    stochastic = (_stored_rows_after_one_batch(tmp_path, "stochastic", 1)[:, levels] != unrefined).mean()
+    monkeypatch.setattr(learner_module, "round_levels", lambda levels, dtype, generator=None:
+                        packing.round_levels(levels, dtype))
+    nearest = (_stored_rows_after_one_batch(tmp_path, "nearest", 1)[:, levels] != unrefined).mean()
+    # share of stored levels the refined batches moved: 22.5% vs 4.3% when written
+    assert stochastic > 3 * nearest, (stochastic, nearest)
