@@ -183,8 +183,8 @@ class ConsumerConfig:
     metadata_max_age_ms: int = 30000  # how soon partitions added to the topic are noticed
     replication_factor: int = 1  # of the topics the learner creates (dead-letter, updates)
     max_batch_inflated_bytes: int = 64 * 1024 * 1024  # a compressed record batch may inflate to this at most
-    # the store's graph snapshot is renewed once the log since it holds max(this, edges) events: a
-    # restart then reads at most about twice the graph, and snapshots cost O(1) per event
+    # the store's graph snapshot is renewed once the log since it holds max(this, edges / 4) events:
+    # a restart then replays at most a quarter of the graph in events, and snapshots cost O(1) per event
     snapshot_min_events: int = 1_000_000
 
     HELP: ClassVar[dict[str, str]] = {
@@ -215,7 +215,7 @@ class ConsumerConfig:
         "max_batch_inflated_bytes": "a compressed record batch inflating beyond this (a compression bomb) goes to "
                                     "the dead-letter topic as one 'undecodable' record naming its offsets",
         "snapshot_min_events": "the store's graph snapshot is renewed once the events logged since it reach this "
-                               "and the number of edges (bounds restart time)",
+                               "and a quarter of the number of edges (bounds restart time)",
     }
 
     def __post_init__(self) -> None:

@@ -88,6 +88,20 @@ def _segments(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.n
     return owner, np.arange(len(owner)) - first[owner] + starts[owner]
 
 
+def _insert(a: np.ndarray, at: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """np.insert(a, at, b) for positions `at` already sorted: one scatter, without the sort of the
+    positions np.insert does (most of a large merge's time)."""
+    if not len(a):
+        return np.array(b, dtype=a.dtype)
+    out = np.empty(len(a) + len(b), dtype=a.dtype)
+    to = at + np.arange(len(b))
+    out[to] = b
+    keep = np.ones(len(out), dtype=bool)
+    keep[to] = False
+    out[keep] = a
+    return out
+
+
 def _count_into(degrees: np.ndarray, nodes: np.ndarray) -> None:
     """degrees[n] += 1 for every n in nodes, in O(len(nodes)) for a few nodes, O(len(degrees)) for many."""
     if 16 * len(nodes) < len(degrees):
@@ -194,6 +208,8 @@ class IdMap:
 
     def add_all(self, exts: Sequence[str]) -> np.ndarray:
         """Indices of `exts`, appending the unseen ones in order of first appearance."""
+        if not len(self) and len(set(exts)) == len(exts):  # e.g. a store's ids: all new, built in bulk
+            return self._extend_distinct(exts)
         idx = list(map(self._recent.get, exts))
         missing = [k for k, v in enumerate(idx) if v is None]
         if missing:
@@ -212,6 +228,16 @@ class IdMap:
             if len(self._recent) > max(MERGE_IDS, len(self) // 8):
                 self._merge()
         return np.array(idx, dtype=np.int64)
+
+    def _extend_distinct(self, exts: Sequence[str]) -> np.ndarray:
+        """Fill an empty map with distinct ids straight into the hash index (no dict on the way)."""
+        names = [ext.encode() for ext in exts]
+        self._ends.extend(np.cumsum([len(name) for name in names]))
+        self._buf += b"".join(names)
+        hashes = np.fromiter(map(hash, exts), dtype=np.int64, count=len(exts))
+        order = np.argsort(hashes, kind="stable")
+        self._hashes, self._order = hashes[order], order.astype(np.int32)
+        return np.arange(len(exts), dtype=np.int64)
 
     def _lookup(self, exts: list[str]) -> np.ndarray:
         """Index of each id in the merged hash array, -1 where absent."""
@@ -236,8 +262,8 @@ class IdMap:
         hashes = np.fromiter(map(hash, names), dtype=np.int64, count=len(names))
         order = np.argsort(hashes, kind="stable")
         at = np.searchsorted(self._hashes, hashes[order])
-        self._hashes = np.insert(self._hashes, at, hashes[order])
-        self._order = np.insert(self._order, at, idx[order])
+        self._hashes = _insert(self._hashes, at, hashes[order])
+        self._order = _insert(self._order, at, idx[order])
         self._recent = {}
 
     @property
@@ -292,11 +318,14 @@ class InteractionGraph:
         return idx
 
     def add_interactions(self, users: np.ndarray, items: np.ndarray, counts: np.ndarray | None = None) -> int:
-        """Record events on (user, item) pairs of internal indices (`counts` events each, else one);
-        returns how many edges are new."""
+        """Record events on (user, item) pairs of internal indices: one each, or `counts` events on
+        each of distinct pairs (a snapshot); returns how many edges are new."""
         keys = np.asarray(users, dtype=np.int64) << 32 | np.asarray(items, dtype=np.int64)
         if counts is None:
             keys, counts = np.unique(keys, return_counts=True)
+        elif len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
+            order = np.argsort(keys)
+            keys, counts = keys[order], np.asarray(counts)[order]
         counts = np.asarray(counts, dtype=np.uint32)
         self.n_events += int(counts.sum())
         fresh = self._count(self._keys, self._counts, keys, counts)
@@ -304,10 +333,10 @@ class InteractionGraph:
         fresh = self._count(self._pending, self._pending_counts, keys, counts)
         keys, counts = keys[fresh], counts[fresh]
         at = np.searchsorted(self._pending, keys)
-        self._pending = np.insert(self._pending, at, keys)
-        self._pending_counts = np.insert(self._pending_counts, at, counts)
+        self._pending = _insert(self._pending, at, keys)
+        self._pending_counts = _insert(self._pending_counts, at, counts)
         flipped = np.sort((keys & ITEM_MASK) << 32 | keys >> 32)
-        self._pending_by_item = np.insert(self._pending_by_item, np.searchsorted(self._pending_by_item, flipped), flipped)
+        self._pending_by_item = _insert(self._pending_by_item, np.searchsorted(self._pending_by_item, flipped), flipped)
         _count_into(self._deg_u.view, keys >> 32)
         _count_into(self._deg_i.view, keys & ITEM_MASK)
         if len(self._pending) >= MERGE_EDGES:
@@ -328,12 +357,12 @@ class InteractionGraph:
         new = self._pending
         if len(new):
             at = np.searchsorted(self._keys, new)
-            self._keys = np.insert(self._keys, at, new)
-            self._counts = np.insert(self._counts, at, self._pending_counts)
+            self._keys = _insert(self._keys, at, new)
+            self._counts = _insert(self._counts, at, self._pending_counts)
             # a new edge goes to the end of its item's row
             by_item = self._pending_by_item
             ends = self._item_ptr[np.minimum((by_item >> 32) + 1, len(self._item_ptr) - 1)]
-            self._item_users = np.insert(self._item_users, ends, (by_item & ITEM_MASK).astype(np.int32))
+            self._item_users = _insert(self._item_users, ends, (by_item & ITEM_MASK).astype(np.int32))
             self._pending = self._pending_by_item = np.zeros(0, dtype=np.int64)
             self._pending_counts = np.zeros(0, dtype=np.uint32)
         for kind, ptr in (("_user_ptr", self._deg_u.view), ("_item_ptr", self._deg_i.view)):

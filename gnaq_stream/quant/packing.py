@@ -145,7 +145,9 @@ def unpack_rows(rows: np.ndarray, dim: int, bits: int, level_dtype: str) -> tupl
     if rows.shape[1] != row_bytes(dim, bits, level_dtype):
         raise ValueError(f"row of {rows.shape[1]} bytes, expected {row_bytes(dim, bits, level_dtype)}")
     bit_planes = np.unpackbits(rows[:, :cb], axis=1, bitorder="little")[:, : dim * bits].reshape(n, dim, bits)
-    codes = (bit_planes << np.arange(bits, dtype=np.uint8)).sum(axis=2, dtype=np.uint8)
+    codes = bit_planes[:, :, 0].copy()
+    for b in range(1, bits):  # one pass per bit: a sum over the short last axis was ~10x slower
+        codes |= bit_planes[:, :, b] << b
     level_raw = torch.from_numpy(rows[:, cb:].copy())
     levels = level_raw.view(check_level_dtype(level_dtype)).reshape(n, 1 << bits).to(torch.float32)
     return codes, levels

@@ -121,10 +121,11 @@ class MicroBatchPipeline:
 
     def _snapshot_if_due(self) -> None:
         """Renew the store's graph snapshot once the log since the last one holds max(snapshot_min_events,
-        edges) events: restart reads at most ~2x the graph, and a snapshot's O(edges) cost is spread
-        over at least as many events."""
+        edges / 4) events: a restart replays at most a quarter of the graph's size in events (replay
+        costs more per event than reading the snapshot), and a snapshot's O(edges) cost is spread
+        over at least edges / 4 events."""
         g = self.learner.graph
-        if g.n_events - self.snapshot_events < max(self.snapshot_min_events, g.n_edges):
+        if g.n_events - self.snapshot_events < max(self.snapshot_min_events, g.n_edges // 4):
             return
         start = time.perf_counter()
         self.store.write_snapshot(self.learner.version, g.n_events, *g.edges())
