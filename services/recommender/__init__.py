@@ -1,1 +1,2 @@
-"""The recommendation service: a faust-streaming app serving top-K from packed rows."""
+"""The recommendation service: an aiokafka consumer of the updates topic and an aiohttp server that
+answers top-K from packed rows."""

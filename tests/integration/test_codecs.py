@@ -39,7 +39,7 @@ CODEC_IDS = {"gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}  # the record batch at
 
 
 def encoders(codec: str) -> dict[str, Callable[[bytes], bytes]]:
-    """The producers' encoders of `codec`: kafka-python's (the learner's) and aiokafka's (faust's)."""
+    """The producers' encoders of `codec`: kafka-python's (the learner's) and aiokafka's (the replica's)."""
     found = {"kafka-python": getattr(kafka.codec, f"{codec}_encode"),
              "aiokafka": getattr(aiokafka.codec, f"{codec}_encode")}
     if codec == "snappy":  # raw snappy, not the xerial framing both clients write by default
@@ -214,11 +214,11 @@ async def _aiokafka_read(bootstrap: str, topic: str, expected: int) -> list[byte
 
 
 def test_aiokafka_reads_every_codec(kafka_broker):
-    create_topic(kafka_broker.bootstrap, "zipped-for-faust", partitions=1)
+    create_topic(kafka_broker.bootstrap, "zipped-for-replica", partitions=1)
     sent = {codec: [b"%s %d" % (codec.encode(), k) for k in range(50)] for codec in CODECS}
     for codec, messages in sent.items():
-        produce_compressed(kafka_broker.bootstrap, "zipped-for-faust", codec, values(messages))
-    got = asyncio.run(asyncio.wait_for(_aiokafka_read(kafka_broker.bootstrap, "zipped-for-faust", 200), 60))
+        produce_compressed(kafka_broker.bootstrap, "zipped-for-replica", codec, values(messages))
+    got = asyncio.run(asyncio.wait_for(_aiokafka_read(kafka_broker.bootstrap, "zipped-for-replica", 200), 60))
     assert got == [m for messages in sent.values() for m in messages]
 
 
