@@ -181,7 +181,8 @@ def report(args, rows: list[dict], restart: dict) -> str:
     mb = 1 / 2**20
     lines = [f"## The learner at scale (`benchmarks/scale.py`)\n",
              f"{args.events:,} synthetic events ({args.users:,} users arriving over the stream, each active for "
-             f"{args.active:.0%} of it, lognormal activity sigma {args.sigma}; Zipf({args.zipf}) over {args.items:,} items; seed {args.seed}) through "
+             f"{args.active:.0%} of it, lognormal activity sigma {args.sigma}; Zipf({args.zipf}) over "
+             f"{args.items:,} items; seed {args.seed}) through "
              "`MicroBatchPipeline.process` with a real store, default learner settings (refinement on). "
              "Bytes per edge = RSS growth since the start / edges.\n",
              "| events | edges | users | items | events/s | RSS MB (peak) | bytes/edge | graph MB | tables MB | "

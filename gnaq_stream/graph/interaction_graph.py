@@ -3,9 +3,9 @@
 State grows like arrays, not Python objects (a dict of edges plus lists of neighbours cost ~110
 bytes per edge): edges are `user << 32 | item` keys in one sorted int64 array with uint32 event
 counts, plus the users of each item as int32 grouped by item: 16 bytes per edge. A micro-batch's new
-edges go to a small sorted pending array; it is merged into the main arrays when it holds
-`MERGE_EDGES` edges or the whole adjacency is needed, because a merge costs O(edges): merging every
-batch would make a batch's cost grow with the graph.
+edges go to small sorted pending arrays (keyed user-first and item-first); they are merged into the
+main arrays at `MERGE_EDGES` edges or when the whole adjacency is needed, because a merge costs
+O(edges): merging every batch would make a batch's cost grow with the graph.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def _bipartite_csr(keys: np.ndarray, item_users: np.ndarray, deg_u: np.ndarray, 
     cols_u += n_users
     crow = np.zeros(n + 1, dtype=index)
     np.cumsum(np.concatenate([deg_u, deg_i]), out=crow[1:])
-    return torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(np.concatenate([cols_u, item_users.astype(index)])),
-                                   torch.from_numpy(values), size=(n, n))
+    cols = np.concatenate([cols_u, item_users.astype(index)])
+    return torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(cols), torch.from_numpy(values),
+                                   size=(n, n))
 
 
 def _neighbours(ptr: np.ndarray, merged: np.ndarray, pending: np.ndarray, nodes: np.ndarray,

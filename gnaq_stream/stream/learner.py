@@ -195,7 +195,8 @@ class StreamLearner:
 
     def consolidate(self, seconds: float) -> tuple[BatchResult, int]:
         """Full-graph training steps for about `seconds` (stream.consolidation): the nodes whose
-        stored rows changed, and the steps taken. Successive calls continue one optimiser until the next micro-batch."""
+        stored rows changed, and the steps taken. Successive calls continue one optimiser until the
+        next micro-batch."""
         if self.consolidator is None:
             self.consolidator = Consolidator(self.cfg, self.graph, self.users, self.items, self.rng)
         steps = self.consolidator.run(seconds)
