@@ -186,7 +186,7 @@ def report(args, rows: list[dict], restart: dict) -> str:
              "`MicroBatchPipeline.process` with a real store, default learner settings (refinement on). "
              "Bytes per edge = RSS growth since the start / edges.\n",
              "| events | edges | users | items | events/s | RSS MB (peak) | bytes/edge | graph MB | tables MB | "
-             "propagated MB | refresh s (runs) | scoring s | snapshot s | store MB |",
+             "propagated MB | refresh s (runs) | scoring s (with the propagations it ran) | snapshot s | store MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['events']:,} | {r['edges']:,} | {r['users']:,} | {r['items']:,} | {r['events_per_s']:,.0f} | "
