@@ -73,6 +73,7 @@ class StreamLearner:
         self.refreshes = 0
         self.final_version = -1  # the model version the final embeddings were propagated at
         self.consolidator: Consolidator | None = None
+        self.consolidated_rows: tuple[np.ndarray, np.ndarray] | None = None  # packed after the last slice
 
     @classmethod
     def from_checkpoint(cls, model: StoredModel, cfg: LearnerConfig) -> "StreamLearner":
@@ -165,6 +166,7 @@ class StreamLearner:
     def apply_micro_batch(self, events: list[Event]) -> BatchResult:
         """Add the events' edges, initialise new nodes, refine the touched nodes."""
         self.consolidator = None  # its graph and optimiser state end here
+        self.consolidated_rows = None
         if self.cfg.refine_steps > 0:
             # refinement's context, at most `refresh_seconds` old; taken before this batch so that the
             # final embeddings keep meaning "the model as of final_version"
@@ -202,12 +204,15 @@ class StreamLearner:
         steps = self.consolidator.run(seconds)
         g = self.graph
         every = (np.arange(g.n_users), np.arange(g.n_items))
-        before = self.users.packed(every[0]), self.items.packed(every[1])
+        # the rows as stored: packed once per idle period, then carried from slice to slice (only
+        # consolidation changes the tables until the next micro-batch ends the period)
+        before = self.consolidated_rows or (self.users.packed(every[0]), self.items.packed(every[1]))
         self.consolidator.write_to(self.users, self.items)
         self.version += 1
+        after = self.users.packed(every[0]), self.items.packed(every[1])
+        self.consolidated_rows = after
         # most rows' stored bytes survive a slice unchanged: only the others are versioned and written
-        changed = [np.flatnonzero((table.packed(idx) != old).any(1))
-                   for table, idx, old in zip((self.users, self.items), every, before)]
+        changed = [np.flatnonzero((new != old).any(1)) for new, old in zip(after, before)]
         self.users.version[changed[0]] = self.version
         self.items.version[changed[1]] = self.version
         return BatchResult(self.version, 0, changed_users=changed[0], changed_items=changed[1]), steps
