@@ -1,16 +1,22 @@
-"""Offline accuracy and size of every method on the same split, epoch budget and seed.
+"""Offline accuracy and size: every quantized method against `fp-continued`, seeded.
 
-Trains a full-precision LightGCN per dataset, then every quantized method from that checkpoint,
-all through the `gnaq-stream` CLI, and writes one Markdown table to docs/benchmarks.md
-(section `offline_accuracy`). Raw results go to runs/benchmarks/offline_accuracy.json.
+Per dataset, a full-precision LightGCN is trained once with the project's recipe (`fp`); every
+continued row (the quantized methods and `fp-continued`, the same checkpoint trained on in full
+precision with the same objective, learning rate and epoch budget) starts from it, once per seed.
+Everything runs through the `gnaq-stream` CLI. Early stopping reads the validation split only (the
+dataset's own, or the carve `--valid-share` takes from train); the test split is read once, at the end
+of each run. One Markdown table goes to docs/benchmarks.md (section `offline_accuracy`), raw results to
+runs/benchmarks/offline_accuracy.json.
 
-    python benchmarks/offline_accuracy.py --datasets ml-1m gowalla
+    python benchmarks/offline_accuracy.py --datasets ml-1m gowalla --seeds 1 2 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -18,105 +24,136 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_section  # noqa: E402
 
-# (label, method, bits, extra CLI flags); the last rows are ablations of gnaq at 2 bits
-RUNS = [
-    ("gnaq", "gnaq", 2, []),
-    ("gnaq-paper", "gnaq-paper", 2, []),
-    ("ste", "ste", 2, []),
-    ("gnaq", "gnaq", 1, []),
-    ("ste", "ste", 1, []),
-    ("no-rau", "no-rau", 2, []),
-    ("no-dqs", "no-dqs", 2, []),
-    ("no-lambda", "no-lambda", 2, []),
-    ("gnaq, RAU mix falling with degree (alpha 0.5, h 10)", "gnaq", 2, ["--rau-alpha", "0.5", "--rau-half-degree", "10"]),
-    ("gnaq, levels at interval centres", "gnaq", 2, ["--level-init", "centre"]),
-    ("gnaq, levels at interval centres", "gnaq", 1, ["--level-init", "centre"]),
-    ("gnaq, fp16 levels", "gnaq", 2, ["--level-dtype", "fp16"]),
+# dataset -> (fp epoch budget, continuation epoch budget); both early-stopped on validation
+BUDGETS = {"ml-1m": (150, 30), "gowalla": (270, 12), "yelp2018": (250, 12), "amazon-book": (400, 12)}
+# (label, method, bits, extra CLI flags, ablation): ablations run where --ablations names the dataset
+ROWS = [
+    ("fp-continued", "fp-continued", 2, [], False),
+    ("gnaq", "gnaq", 2, [], False),
+    ("ste", "ste", 2, [], False),
+    ("gnaq-paper", "gnaq-paper", 2, [], False),
+    ("gnaq", "gnaq", 1, [], False),
+    ("ste", "ste", 1, [], False),
+    ("gnaq-paper", "gnaq-paper", 1, [], False),
+    ("no-rau", "no-rau", 2, [], True),
+    ("no-dqs", "no-dqs", 2, [], True),
+    ("no-lambda", "no-lambda", 2, [], True),
+    ("gnaq, RAU mix falling with degree (alpha 0.5, h 10)", "gnaq", 2,
+     ["--rau-alpha", "0.5", "--rau-half-degree", "10"], True),
+    ("gnaq, levels at interval centres", "gnaq", 2, ["--level-init", "centre"], True),
+    ("gnaq, fp16 levels", "gnaq", 2, ["--level-dtype", "fp16"], True),
 ]
-# full precision: the LightGCN reference objective (BPR, one uniform negative)
-FP_FLAGS = ["--n-negatives", "1", "--lambda-weight", "0", "--eval-every", "5"]
+METRICS = ("valid_recall@20", "recall@10", "recall@20", "ndcg@10", "ndcg@20")
 
 
-def train(dataset: str, method: str, bits: int, epochs: int, out: Path, extra: list[str], data_dir: str | None,
-          init: Path | None = None) -> dict:
+def train(dataset: str, method: str, bits: int, epochs: int, seed: int, out: Path, extra: list[str],
+          data_dir: str | None, init: Path | None = None) -> dict:
     cmd = ["gnaq-stream", "train", "--dataset", dataset, "--method", method, "--bits", str(bits),
-           "--epochs", str(epochs), "--out", str(out), "--json", *extra]
+           "--epochs", str(epochs), "--seed", str(seed), "--out", str(out), "--json", *extra]
     if init is not None:
         cmd += ["--init", str(init)]
     if data_dir:
         cmd += ["--data-dir", data_dir]
     print("$", " ".join(cmd), flush=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    print({k: result[k] for k in ("recall@20", "ndcg@20", "seconds_per_epoch", "epochs_run")}, flush=True)
+    result["cpu_minutes"] = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / 60
+    print({k: result.get(k) for k in (*METRICS, "epochs_run", "cpu_minutes")}, flush=True)
     return result
 
 
-def reused_fp(earlier: list[dict], dataset: str, epochs: int, fp_dir: Path) -> dict | None:
-    """The recorded fp row of `dataset` if its checkpoint is still there and was trained for `epochs`."""
-    for r in earlier:
-        if r["dataset"] == dataset and r["label"] == "fp" and (fp_dir / "model.json").exists():
-            config = json.loads((fp_dir / "model.json").read_text())["train_config"]
-            if config["epochs"] == epochs and Path(r["checkpoint"]) == fp_dir:
-                print(f"reusing {fp_dir} (trained for {epochs} epochs)", flush=True)
-                return r
-    return None
+def _mean_std(values: list[float], fmt: str = ".4f") -> str:
+    if len(values) == 1:
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| dataset | method | bits | Recall@10 | Recall@20 | NDCG@10 | NDCG@20 | R@20 / fp | bytes | compression "
-             "| s/epoch | epochs (best) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    fp = {r["dataset"]: r["recall@20"] for r in results if r["label"] == "fp"}
+    """One line per (dataset, label, bits): mean ± sample std over its seeds."""
+    lines = ["| dataset | method | bits | seeds | valid R@20 | R@10 | R@20 | NDCG@10 | NDCG@20 | R@20 / fp-continued "
+             "| bytes | compression | CPU min | epochs (best) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
     for r in results:
-        bits = r["bits"] if r["bits"] is not None else 32
-        lines.append(f"| {r['dataset']} | {r['label']} | {bits} | {r['recall@10']:.4f} | {r['recall@20']:.4f} | "
-                     f"{r['ndcg@10']:.4f} | {r['ndcg@20']:.4f} | {r['recall@20'] / fp[r['dataset']]:.1%} | "
-                     f"{r['bytes_model']:,} | {r['compression']:.1f}x | {r['seconds_per_epoch']:.2f} | "
-                     f"{r['epochs_run']} ({r['best_epoch']}) |")
+        groups.setdefault((r["dataset"], r["label"], r["bits"]), []).append(r)
+    reference = {d: statistics.mean(x["recall@20"] for x in rs)
+                 for (d, label, _), rs in groups.items() if label == "fp-continued"}
+    for (dataset, label, bits), rs in groups.items():
+        cells = [_mean_std([r.get(m, float("nan")) for r in rs]) for m in METRICS]
+        ratio = _mean_std([r["recall@20"] / reference[dataset] * 100 for r in rs], ".1f") + "%" \
+            if dataset in reference else "–"
+        epochs = ", ".join(f"{r['epochs_run']} ({r['best_epoch']})" for r in rs)
+        lines.append(f"| {dataset} | {label} | {bits if bits is not None else 32} | {len(rs)} | {' | '.join(cells)} "
+                     f"| {ratio} | {rs[0]['bytes_model']:,} | {rs[0]['compression']:.1f}x "
+                     f"| {_mean_std([r['cpu_minutes'] for r in rs], '.1f')} | {epochs} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="+", default=["ml-1m", "gowalla"])
-    p.add_argument("--fp-epochs", nargs="+", type=int, default=[150, 400], help="one per dataset")
-    p.add_argument("--qat-epochs", nargs="+", type=int, default=[30, 12], help="one per dataset")
+    p.add_argument("--datasets", nargs="+", default=["ml-1m", "gowalla"], choices=sorted(BUDGETS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--ablations", nargs="*", default=["ml-1m", "gowalla"], help="datasets that get the ablation rows")
     p.add_argument("--data-dir")
     p.add_argument("--work-dir", default="runs/benchmarks")
-    p.add_argument("--reuse-fp", action="store_true",
-                   help="keep an fp checkpoint (and its recorded row) from an earlier run with the same epochs")
+    p.add_argument("--reuse-fp", action="store_true", help="keep each dataset's fp checkpoint and row from an earlier run")
+    p.add_argument("--fp-only", action="store_true", help="train only the fp rows (continue them later with --reuse-fp)")
     args = p.parse_args()
     work = Path(args.work_dir)
-    earlier = json.loads((work / "offline_accuracy.json").read_text()) if args.reuse_fp else []
-    results = []
-    for dataset, fp_epochs, qat_epochs in zip(args.datasets, args.fp_epochs, args.qat_epochs, strict=True):
+    raw = work / "offline_accuracy.json"
+    earlier = json.loads(raw.read_text()) if raw.exists() else []
+    # rows of datasets not run now are kept, so that one dataset at a time builds up the table
+    results = [r for r in earlier if r["dataset"] not in args.datasets]
+    for dataset in args.datasets:
+        fp_epochs, epochs = BUDGETS[dataset]
         fp_dir = work / dataset / "fp"
-        r = reused_fp(earlier, dataset, fp_epochs, fp_dir) or train(dataset, "fp", 2, fp_epochs, fp_dir, FP_FLAGS,
-                                                                    args.data_dir)
-        results.append({**r, "label": "fp"})
-        for i, (label, method, bits, extra) in enumerate(RUNS):
-            r = train(dataset, method, bits, qat_epochs, work / dataset / f"{i}-{method}-{bits}", extra,
-                      args.data_dir, init=fp_dir)
-            results.append({**r, "label": label})
-        (work / "offline_accuracy.json").write_text(json.dumps(results, indent=2))
-        epochs = ", ".join(f"{e} on {d}" for d, e in zip(args.datasets, args.qat_epochs))
-        write_section("offline_accuracy", INTRO.format(qat=epochs) + table(results))
+        old = [r for r in earlier if r["dataset"] == dataset and r["label"] == "fp"]
+        if args.reuse_fp and old and (fp_dir / "model.json").exists():
+            print(f"reusing {fp_dir}", flush=True)
+            fp = old[0]
+        else:
+            # validation every 5 epochs: a full-precision epoch is short next to a full ranking
+            fp = {**train(dataset, "fp", 2, fp_epochs, 2025, fp_dir, ["--eval-every", "5"], args.data_dir),
+                  "label": "fp"}
+        results.append(fp)
+        record(results, raw, len(args.seeds))
+        for label, method, bits, extra, ablation in ROWS:
+            if args.fp_only or (ablation and dataset not in args.ablations):
+                continue
+            for seed in args.seeds:
+                out = work / dataset / f"{method}-{bits}-{len(results)}-seed{seed}"
+                r = train(dataset, method, bits, epochs, seed, out, extra, args.data_dir, init=fp_dir)
+                results.append({**r, "label": label})
+                record(results, raw, len(args.seeds))
+
+
+def record(results: list[dict], raw: Path, n_seeds: int) -> None:
+    """Raw results and the table as they stand, after every run: a cut-off run keeps what it measured."""
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(results, indent=2))
+    budgets = ", ".join(f"{d}: fp {BUDGETS[d][0]}, continued {BUDGETS[d][1]}"
+                        for d in dict.fromkeys(r["dataset"] for r in results))
+    write_section("offline_accuracy", INTRO.format(budgets=budgets, seeds=n_seeds) + table(results))
 
 
 INTRO = """## Offline accuracy and size (`benchmarks/offline_accuracy.py`)
 
-Same split, seed 2025, dim 64, 3 layers. `fp` is LightGCN with its reference objective (BPR, one
-uniform negative, batch 32768, lr 1e-2); every quantized row starts from that fp checkpoint and
-trains at most {qat} epochs (lr 1e-3, BPR + 1.0 x LambdaLoss over 4 negatives, batch 32768),
-early-stopped on the validation split where the dataset has one (ml-1m); otherwise the last epoch is
-kept. Quantized rows use the defaults (levels initialised at the mean of each interval's values, RAU
-mix 0.25 for every node) unless the row says otherwise. Levels are stored in fp8 unless the row says
-otherwise; metrics are computed on the stored (packed, fp8-rounded) model. Bytes = everything the
-embedding table needs (codes + levels). With `--reuse-fp`, an fp row and its checkpoint come from an
-earlier run with the same epochs.
+dim 64, 3 layers. `fp` is LightGCN trained once (seed 2025) with the project's full-precision recipe
+(spectral initialisation, BPR over 8 negatives, Adam lr 1e-2, batch 32768; see "Full-precision recipe").
+Every other row continues that checkpoint, once per seed ({seeds} seeds; mean ± sample std): the
+quantized methods and `fp-continued` (the same checkpoint trained on in full precision) share the
+continuation objective (BPR + 1.0 x LambdaLoss over 4 negatives, lr 1e-3, batch 32768; `gnaq-paper`
+keeps its authors' BPR over 5 negatives) and the epoch budget ({budgets}). Every run is early-stopped
+on the validation split: ml-1m's own, elsewhere 10% of each user's training interactions carved from
+train (seed 0), which every row then does not train on. The test split is read once per run, at its
+end, with train and validation as the known graph. A difference inside the seeds' spread is a tie.
+Quantized rows store levels in fp8 unless the row says otherwise and are evaluated as stored (packed,
+rounded). Bytes = everything the embedding table needs (codes + levels). CPU min = user + system CPU
+time of the run (2 threads).
 
 """
 

@@ -33,6 +33,8 @@ class TrainConfig:
     level_init: str = "mean"  # levels at the mean of each interval's values, or "centre" (ablation)
     eval_every: int = 1
     patience: int = 3
+    fp_init: str = "spectral"  # fp from scratch: "spectral" (top singular vectors of the graph) or "normal" (std 0.1)
+    valid_share: float = 0.1  # per user, carved from train for early stopping where a dataset has no valid split
     threads: int = 2
     seed: int = 2025
 
@@ -50,6 +52,10 @@ class TrainConfig:
         if self.rau_half_degree < 0:
             raise ConfigError(f"rau_half_degree must be >= 0, got {self.rau_half_degree}")
         check_level_init(self.level_init)
+        if self.fp_init not in ("spectral", "normal"):
+            raise ConfigError(f"fp_init must be spectral or normal, got {self.fp_init!r}")
+        if not 0.0 <= self.valid_share < 1.0:
+            raise ConfigError(f"valid_share must be in [0, 1), got {self.valid_share}")
         if self.lambda_weight < 0 or self.lr <= 0 or self.qat_lr <= 0 or self.reg < 0 or self.level_lr < 0:
             raise ConfigError("lambda_weight and reg must be >= 0, learning rates > 0")
 

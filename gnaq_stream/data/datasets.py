@@ -122,6 +122,36 @@ def temporal_split(users: np.ndarray, items: np.ndarray, ts: np.ndarray, test_fr
     return Split(u[~is_test], i[~is_test], t[~is_test]), Split(u[is_test], i[is_test], t[is_test])
 
 
+def carve_validation(data: InteractionData, share: float, seed: int = 0) -> InteractionData:
+    """`data` with a validation split carved from its train split, for datasets that ship none.
+
+    Per user, `share` of the training interactions (rounded, at most all but one) move to the
+    validation split: the latest ones where the train split has timestamps (as `temporal_split`),
+    otherwise a random choice seeded by `seed` (fixed by default, so that runs of different training
+    seeds, and a model continued from another, share one carve). Test is untouched. Data with a
+    validation split, `share` 0, or users too small to give any are returned as they are.
+    """
+    if data.valid is not None or share <= 0:
+        return data
+    tr = data.train
+    tiebreak = tr.ts if tr.ts is not None else np.random.default_rng(seed).random(len(tr))
+    order = np.lexsort((np.arange(len(tr)), tiebreak, tr.users))
+    users = tr.users[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(users)) + 1]
+    counts = np.diff(np.r_[starts, len(users)])
+    n_valid = np.minimum(np.round(counts * share), counts - 1).astype(np.int64)
+    if not n_valid.any():
+        return data
+    rank_in_user = np.arange(len(users)) - np.repeat(starts, counts)
+    is_valid = np.zeros(len(tr), dtype=bool)
+    is_valid[order] = rank_in_user >= np.repeat(counts - n_valid, counts)
+
+    def part(mask: np.ndarray) -> Split:
+        return Split(tr.users[mask], tr.items[mask], None if tr.ts is None else tr.ts[mask])
+
+    return InteractionData(data.name, data.n_users, data.n_items, part(~is_valid), data.test, part(is_valid))
+
+
 def _load_ml100k(path: Path) -> InteractionData:
     try:
         raw = np.loadtxt(path / "u.data", dtype=np.int64, ndmin=2)

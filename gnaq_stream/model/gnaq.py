@@ -24,12 +24,19 @@ class MethodSpec:
     code_rule: str = "none"      # "rau" | "rebin" (published) | "ste" (nearest static level each forward)
     rau: bool = True             # with code_rule "rau": mix in the neighbour aggregate (else own latent only)
     lambda_loss: bool = True
+    negatives: int = 0           # negatives per positive; 0: the run's --n-negatives
+    continues: bool = True       # starts from a trained float model at the continuation learning rate
 
 
 METHODS: dict[str, MethodSpec] = {
-    "fp": MethodSpec(quantized=False),
+    # LightGCN's objective, BPR, averaged over 8 uniform negatives per positive instead of LightGCN's one:
+    # more signal per propagation, so faster to converge on CPU (docs/benchmarks.md, "Full-precision recipe")
+    "fp": MethodSpec(quantized=False, lambda_loss=False, negatives=8, continues=False),
+    "fp-continued": MethodSpec(quantized=False),
     "gnaq": MethodSpec(quantized=True, latent=True, learn_levels=True, code_rule="rau"),
-    "gnaq-paper": MethodSpec(quantized=True, learn_levels=True, tanh=True, code_rule="rebin"),
+    # the authors' code: BPR with 5 negatives, codes re-binned from the forward pass's propagation
+    "gnaq-paper": MethodSpec(quantized=True, learn_levels=True, tanh=True, code_rule="rebin", lambda_loss=False,
+                             negatives=5),
     "ste": MethodSpec(quantized=True, latent=True, code_rule="ste"),
     "no-rau": MethodSpec(quantized=True, latent=True, learn_levels=True, code_rule="rau", rau=False),
     "no-dqs": MethodSpec(quantized=True, latent=True, code_rule="rau"),
@@ -53,7 +60,7 @@ class FullEmbedding(nn.Module):
     def layer0(self) -> torch.Tensor:
         return self.weight
 
-    def update_codes(self, adj: torch.Tensor, n_layers: int) -> None:
+    def update_codes(self, adj: torch.Tensor, n_layers: int, propagated: torch.Tensor | None = None) -> None:
         """Nothing to re-derive in a float table."""
 
 
@@ -79,8 +86,9 @@ class QuantizedEmbedding(nn.Module):
         return torch.tanh(x) if self.spec.tanh else x
 
     @torch.no_grad()
-    def update_codes(self, adj: torch.Tensor, n_layers: int) -> None:
-        """Re-derive codes after an optimiser step (RAU or the published re-binning)."""
+    def update_codes(self, adj: torch.Tensor, n_layers: int, propagated: torch.Tensor | None = None) -> None:
+        """Re-derive codes after an optimiser step (RAU or the published re-binning). The re-binning
+        reads `propagated`, the step's forward propagation (as the authors' code), when given."""
         if self.spec.code_rule == "rau":
             current = self.layer0()
             if self.spec.rau:
@@ -90,7 +98,9 @@ class QuantizedEmbedding(nn.Module):
             else:
                 self.codes = nearest_codes(self.latent, self.levels)
         elif self.spec.code_rule == "rebin":
-            self.codes = rebin_codes(propagate(adj, self.layer0(), n_layers), self.bits)
+            if propagated is None:
+                propagated = propagate(adj, self.layer0(), n_layers)
+            self.codes = rebin_codes(propagated, self.bits)
 
     def stored_levels(self, level_dtype: str) -> torch.Tensor:
         return round_levels(self.levels, level_dtype)

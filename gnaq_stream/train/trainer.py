@@ -13,10 +13,10 @@ from tqdm import tqdm
 
 from gnaq_stream.checkpoint import StoredModel
 from gnaq_stream.config import TrainConfig
-from gnaq_stream.data.datasets import InteractionData
+from gnaq_stream.data.datasets import InteractionData, Split, carve_validation
 from gnaq_stream.errors import ConfigError
 from gnaq_stream.graph.interaction_graph import normalized_adjacency, unique_edges
-from gnaq_stream.model.lightgcn import propagate
+from gnaq_stream.model.lightgcn import propagate, spectral_init
 from gnaq_stream.model.gnaq import QuantizedEmbedding, Recommender, build_embedding, method_spec
 from gnaq_stream.model.losses import bpr_loss, lambda_loss
 from gnaq_stream.train.evaluation import evaluate_ranking, interaction_matrix
@@ -85,7 +85,7 @@ def training_step(rec: Recommender, adj: torch.Tensor, opt: torch.optim.Optimize
     loss.backward()
     opt.step()
     if update_codes:
-        rec.embedding.update_codes(adj, rec.n_layers)
+        rec.embedding.update_codes(adj, rec.n_layers, final.detach())
     return loss
 
 
@@ -115,45 +115,67 @@ def export(rec: Recommender, method: str, cfg: TrainConfig, edges: np.ndarray | 
                        codes=emb.codes.numpy().copy(), levels=emb.stored_levels(cfg.level_dtype))
 
 
+def _known_before(data: InteractionData, split: str) -> Split:
+    if split != "test" or data.valid is None:
+        return data.train
+    parts = (data.train, data.valid)
+    return Split(np.concatenate([p.users for p in parts]), np.concatenate([p.items for p in parts]))
+
+
 def evaluate_stored(model: StoredModel, data: InteractionData, split: str = "test", progress: bool = False,
                     adj: torch.Tensor | None = None) -> dict[str, float]:
-    """Full-ranking metrics of a stored model on `split`, masking all interactions of other splits.
-    `adj` is the training graph's normalised adjacency, built here when not given."""
-    known = [data.train] + ([data.valid] if data.valid is not None and split == "test" else [])
+    """Full-ranking metrics of a stored model on `split`. Everything known before `split` (train, and
+    valid when scoring test) is the graph the model propagates over and is masked from the ranking.
+    `adj` is that graph's normalised adjacency, built here when not given."""
+    known = _known_before(data, split)
     if adj is None:
-        adj = normalized_adjacency(data.n_users, data.n_items, data.train.users, data.train.items)
+        adj = normalized_adjacency(data.n_users, data.n_items, known.users, known.items)
     with torch.no_grad():
         out = propagate(adj, model.layer0(), model.n_layers)
     truth = interaction_matrix(data.n_users, data.n_items, getattr(data, split))
-    exclude = interaction_matrix(data.n_users, data.n_items, *known)
+    exclude = interaction_matrix(data.n_users, data.n_items, known)
     return evaluate_ranking(out[:data.n_users], out[data.n_users:], truth, exclude, progress=progress)
+
+
+def initial_table(data: InteractionData, cfg: TrainConfig) -> torch.Tensor:
+    """Layer-0 embeddings a full-precision LightGCN starts from: `cfg.fp_init` "normal" is LightGCN's
+    N(0, 0.1^2); "spectral" the graph's top singular vectors at the same mean row norm."""
+    n_nodes = data.n_users + data.n_items
+    if cfg.fp_init == "normal":
+        return torch.randn(n_nodes, cfg.dim) * 0.1
+    return spectral_init(data.n_users, data.n_items, data.train.users, data.train.items, cfg.dim, 0.1 * cfg.dim ** 0.5)
 
 
 def train(data: InteractionData, cfg: TrainConfig, init: torch.Tensor | None = None,
           progress: bool = True) -> TrainResult:
-    """Train `cfg.method` on the train split; early-stop on the validation split where there is one.
+    """Train `cfg.method` on the train split and early-stop on the validation split (carved from the
+    train split when the dataset has none and `cfg.valid_share` > 0; otherwise the last epoch is kept).
+    Metrics are the test split's, plus the validation split's as `valid_*`.
 
-    Quantized methods start from `init` (float layer-0 embeddings of a trained model); without it,
+    Methods that continue a trained model start from `init` (float layer-0 embeddings); without it,
     a float model is trained first for the same epoch budget.
     """
     spec = method_spec(cfg.method)
+    data = carve_validation(data, cfg.valid_share)
     tune_allocator()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     n_nodes = data.n_users + data.n_items
+    if init is not None and not spec.continues:
+        raise ConfigError(f"{cfg.method} trains from scratch; to continue a checkpoint use fp-continued")
     if init is not None and tuple(init.shape) != (n_nodes, cfg.dim):
         raise ConfigError(f"initial embeddings have shape {tuple(init.shape)}, expected ({n_nodes}, {cfg.dim})")
     pre_seconds = 0.0
-    if spec.quantized and init is None:
+    if spec.continues and init is None:
         pre = train(data, TrainConfig(**{**cfg.__dict__, "method": "fp"}), progress=progress)
         init, pre_seconds = pre.model.layer0(), pre.train_seconds
-    table = init if init is not None else torch.randn(n_nodes, cfg.dim) * 0.1
+    table = init if init is not None else initial_table(data, cfg)
     rec = Recommender(data.n_users, data.n_items, build_embedding(cfg.method, table, cfg.bits, cfg.rau_alpha,
                                                                   cfg.rau_half_degree, cfg.level_init),
                       cfg.n_layers)
     adj = normalized_adjacency(data.n_users, data.n_items, data.train.users, data.train.items)
-    lr = cfg.qat_lr if spec.quantized else cfg.lr
+    lr = cfg.qat_lr if spec.continues else cfg.lr
     groups = [{"params": [p for name, p in rec.named_parameters() if p.requires_grad and not name.endswith("levels")]},
               {"params": [p for name, p in rec.named_parameters() if p.requires_grad and name.endswith("levels")],
                "lr": cfg.level_lr or lr}]
@@ -171,7 +193,7 @@ def train(data: InteractionData, cfg: TrainConfig, init: torch.Tensor | None = N
         for step, lo in enumerate(range(0, n_train, cfg.batch_size)):
             idx = order[lo:lo + cfg.batch_size]
             users = data.train.users[idx]
-            neg = sampler.sample(users, cfg.n_negatives)
+            neg = sampler.sample(users, spec.negatives or cfg.n_negatives)
             loss = training_step(rec, adj, opt, torch.from_numpy(users), torch.from_numpy(data.train.items[idx]),
                                  torch.from_numpy(neg), lambda_weight, cfg.reg, (step + 1) % cfg.rau_every == 0)
         seconds += time.perf_counter() - start
@@ -189,6 +211,10 @@ def train(data: InteractionData, cfg: TrainConfig, init: torch.Tensor | None = N
         rec.load_state_dict(best_state)
     else:
         best_epoch = epochs_run
-    stored = export(rec, cfg.method, cfg, np.stack(unique_edges(data.train.users, data.train.items, data.n_items), 1))
-    metrics = evaluate_stored(stored, data, "test", progress=progress, adj=adj)
+    # the stored graph is every interaction known before the test, validation included
+    known = _known_before(data, "test")
+    stored = export(rec, cfg.method, cfg, np.stack(unique_edges(known.users, known.items, data.n_items), 1))
+    metrics = evaluate_stored(stored, data, "test", progress=progress)
+    if validate:
+        metrics |= {f"valid_{k}": v for k, v in evaluate_stored(stored, data, "valid", adj=adj).items()}
     return TrainResult(stored, metrics, seconds + pre_seconds, epochs_run, best_epoch)

@@ -1,7 +1,9 @@
+from collections import Counter
+
 import numpy as np
 import pytest
 
-from gnaq_stream.data.datasets import REGISTRY, load_dataset, temporal_split
+from gnaq_stream.data.datasets import REGISTRY, carve_validation, load_dataset, temporal_split
 from gnaq_stream.errors import DatasetError
 
 
@@ -37,6 +39,41 @@ def test_temporal_split_by_hand():
     train, test = temporal_split(users, items, ts, 0.4)
     assert sorted(test.items.tolist()) == [10, 12]
     assert sorted(train.items.tolist()) == [11, 13, 14, 15]
+
+
+def _pairs(split) -> Counter:
+    """Interactions as a multiset of (user, item, time): repeated visits stay distinct."""
+    ts = split.ts.tolist() if split.ts is not None else [None] * len(split)
+    return Counter(zip(split.users.tolist(), split.items.tolist(), ts))
+
+
+@pytest.mark.parametrize("name", ["gowalla", "gowalla-ts"])
+def test_carved_validation_is_a_share_of_each_users_training_and_apart_from_test(name, data_dir):
+    d = load_dataset(name, data_dir)
+    carved = carve_validation(d, 0.1, seed=3)
+    train, valid = _pairs(carved.train), _pairs(carved.valid)
+    assert train + valid == _pairs(d.train)  # a partition: nothing lost, nothing in both
+    assert carved.test is d.test
+    per_user = np.bincount(d.train.users, minlength=d.n_users)
+    carved_per_user = np.bincount(carved.valid.users, minlength=d.n_users)
+    assert (carved_per_user == np.minimum(np.round(per_user * 0.1), np.maximum(per_user - 1, 0))).all()
+    again = carve_validation(d, 0.1, seed=3)
+    assert np.array_equal(again.valid.users, carved.valid.users) and np.array_equal(again.valid.items,
+                                                                                     carved.valid.items)
+    if d.train.ts is not None:  # the latest of each user's training interactions
+        last_train = np.full(d.n_users, -1)
+        np.maximum.at(last_train, carved.train.users, carved.train.ts)
+        assert (carved.valid.ts >= last_train[carved.valid.users]).all()
+    else:
+        other = carve_validation(d, 0.1, seed=4)
+        assert _pairs(other.valid) != valid
+
+
+def test_carving_leaves_a_validation_split_and_share_zero_alone(data_dir):
+    ml = load_dataset("ml-1m", data_dir)
+    assert carve_validation(ml, 0.1) is ml
+    g = load_dataset("gowalla", data_dir)
+    assert carve_validation(g, 0.0) is g
 
 
 def test_unknown_dataset(tmp_path):

@@ -32,6 +32,11 @@ def _table() -> torch.Tensor:
     return torch.randn(N_USERS + N_ITEMS, DIM, generator=torch.Generator().manual_seed(0))
 
 
+def _init(method: str) -> torch.Tensor | None:
+    """The starting table of a method that continues a trained model; fp trains from scratch."""
+    return _table() if METHODS[method].continues else None
+
+
 def _stepped(method: str) -> tuple[Recommender, torch.Tensor]:
     """The method's model after two optimiser steps with their code updates and a third step whose
     codes are not yet re-derived (each test calls update_codes itself); and the adjacency."""
@@ -54,8 +59,9 @@ def test_levels_are_learned_unless_the_method_freezes_them(method, frozen):
     assert torch.equal(trained, initial) == frozen
 
 
-@pytest.mark.parametrize("method,with_lambda", [("fp", True), ("gnaq", True), ("gnaq-paper", True), ("ste", True),
-                                                ("no-rau", True), ("no-dqs", True), ("no-lambda", False)])
+@pytest.mark.parametrize("method,with_lambda", [("fp", False), ("fp-continued", True), ("gnaq", True),
+                                                ("gnaq-paper", False), ("ste", True), ("no-rau", True),
+                                                ("no-dqs", True), ("no-lambda", False)])
 def test_lambda_loss_is_in_the_objective_unless_no_lambda(monkeypatch, method, with_lambda):
     calls, lambda_loss = [], trainer.lambda_loss
 
@@ -64,8 +70,21 @@ def test_lambda_loss_is_in_the_objective_unless_no_lambda(monkeypatch, method, w
         return lambda_loss(pos_scores, neg_scores)
 
     monkeypatch.setattr(trainer, "lambda_loss", counted)
-    train(_data(), TrainConfig(method=method, **CFG), init=_table(), progress=False)
+    train(_data(), TrainConfig(method=method, **CFG), init=_init(method), progress=False)
     assert bool(calls) == with_lambda
+
+
+@pytest.mark.parametrize("method,negatives", [("fp", 8), ("gnaq-paper", 5), ("gnaq", 3), ("fp-continued", 3)])
+def test_negatives_per_positive_are_the_methods_own_or_the_runs(monkeypatch, method, negatives):
+    seen, sample = set(), trainer.NegativeSampler.sample
+
+    def recorded(self, users: np.ndarray, k: int) -> np.ndarray:
+        seen.add(k)
+        return sample(self, users, k)
+
+    monkeypatch.setattr(trainer.NegativeSampler, "sample", recorded)
+    train(_data(), TrainConfig(method=method, n_negatives=3, **CFG), init=_init(method), progress=False)
+    assert seen == {negatives}
 
 
 @pytest.mark.parametrize("method", ["gnaq", "no-dqs", "no-lambda"])
@@ -107,6 +126,16 @@ def test_gnaq_paper_rebins_the_propagated_embedding_and_squashes_it_with_tanh():
     assert (expected != rebin_codes(layer0, BITS)).any()  # propagation matters on this graph
     emb.update_codes(adj, LAYERS)
     assert torch.equal(emb.codes, expected)
+    # in a training step, the re-binning reads the step's own forward propagation (before the update)
+    opt = torch.optim.Adam([emb.levels], lr=0.05)
+    data = _data()
+    with torch.no_grad():
+        forward = propagate(adj, emb.layer0(), LAYERS)
+    training_step(rec, adj, opt, torch.from_numpy(data.train.users), torch.from_numpy(data.train.items),
+                  torch.zeros(len(data.train), 1, dtype=torch.long), 0.0, 1e-4)
+    assert torch.equal(emb.codes, rebin_codes(forward, BITS))
+    with torch.no_grad():
+        assert not torch.equal(emb.codes, rebin_codes(propagate(adj, emb.layer0(), LAYERS), BITS))
     stored = export(rec, "gnaq-paper", TrainConfig(method="gnaq-paper", **CFG))
     assert stored.activation == "tanh"
     torch.testing.assert_close(stored.layer0(), emb.layer0().detach())
@@ -139,6 +168,21 @@ def test_fp_is_trained_and_stored_at_full_precision():
     assert torch.equal(stored.layer0(), weight)
 
 
+def test_fp_continued_continues_the_checkpoint_at_full_precision_and_the_continuation_rate():
+    cfg = TrainConfig(method="fp-continued", **CFG)
+    result = train(_data(), cfg, init=_table(), progress=False)
+    assert result.model.bits is None and result.model.size().bytes_per_node == 4 * DIM
+    steps = -(-len(_data().train) // cfg.batch_size)
+    moved = (result.model.layer0() - _table()).abs().max().item()
+    # Adam moves a weight by about lr per step: qat_lr (1e-3) bounds it, fp's lr (1e-2) would not
+    assert 0 < moved <= steps * cfg.qat_lr * 1.1 < cfg.lr
+
+
+def test_fp_trains_from_scratch_and_refuses_a_checkpoint():
+    with pytest.raises(ConfigError, match="fp trains from scratch; to continue a checkpoint use fp-continued"):
+        train(_data(), TrainConfig(method="fp", **CFG), init=_table(), progress=False)
+
+
 def test_a_quantized_method_whose_rows_are_not_smaller_than_fp32_is_refused():
     with pytest.raises(ConfigError, match="8 bits with fp8 levels take 320 bytes per node at dim 64"):
         TrainConfig(method="gnaq", bits=8)
@@ -150,4 +194,4 @@ def test_a_quantized_method_whose_rows_are_not_smaller_than_fp32_is_refused():
 
 def test_every_method_has_its_mechanism_test():
     # a new method fails here until it gets a test of its own switch above
-    assert set(METHODS) == {"fp", "gnaq", "gnaq-paper", "ste", "no-rau", "no-dqs", "no-lambda"}
+    assert set(METHODS) == {"fp", "fp-continued", "gnaq", "gnaq-paper", "ste", "no-rau", "no-dqs", "no-lambda"}
