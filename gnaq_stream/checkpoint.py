@@ -6,12 +6,13 @@ No pickle: safetensors holds raw tensors and JSON holds everything else, so load
   gnaq_stream.quant.packing
 - optional `edges`, int64 (E, 2): the (user, item) training edges, so a streaming learner started
   from the checkpoint knows the graph the model was trained on
+- optional `item_bias`, float32 (n_items,): a score offset per item (gnaq-paper)
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ class StoredModel:
     codes: np.ndarray | None = None
     levels: torch.Tensor | None = None
     edges: np.ndarray | None = None  # (E, 2) int64 training edges (user, item), for streaming starts
+    item_bias: torch.Tensor | None = None  # (n_items,) float32 score offsets, added to u.i
     extra: dict = field(default_factory=dict)
 
     @property
@@ -56,7 +58,10 @@ class StoredModel:
         return torch.tanh(x) if self.activation == "tanh" else x
 
     def size(self):
-        return model_size(self.n_nodes, self.dim, self.bits, self.level_dtype)
+        size = model_size(self.n_nodes, self.dim, self.bits, self.level_dtype)
+        if self.item_bias is None:
+            return size
+        return replace(size, bytes_model=size.bytes_model + 4 * self.n_items)
 
 
 def save_checkpoint(model: StoredModel, out_dir: str | Path) -> Path:
@@ -71,6 +76,8 @@ def save_checkpoint(model: StoredModel, out_dir: str | Path) -> Path:
         check_row_format(model.dim, model.bits, model.level_dtype)  # never write what loading refuses
         rows = pack_rows(model.codes, model.levels, model.bits, model.level_dtype)
         tensors = {"rows": torch.from_numpy(rows)}
+    if model.item_bias is not None:
+        tensors["item_bias"] = model.item_bias.detach().float().contiguous()
     if model.edges is not None:
         tensors["edges"] = torch.from_numpy(np.ascontiguousarray(model.edges, dtype=np.int64))
     save_file(tensors, str(out / TENSOR_FILE))
@@ -133,6 +140,11 @@ def load_checkpoint(path: str | Path) -> StoredModel:
         if len(e) and (e.min() < 0 or e[:, 0].max() >= model.n_users or e[:, 1].max() >= model.n_items):
             raise CheckpointError(f"{tensor_path}: 'edges' refer to nodes outside the model")
         model.edges = e
+    bias = tensors.get("item_bias")
+    if bias is not None:
+        if bias.dtype != torch.float32 or tuple(bias.shape) != (model.n_items,) or not torch.isfinite(bias).all():
+            raise CheckpointError(f"{tensor_path}: 'item_bias' must be finite float32 of shape ({model.n_items},)")
+        model.item_bias = bias
     if model.bits is not None and not torch.isfinite(model.levels).all():
         raise CheckpointError(f"{tensor_path}: non-finite levels")
     return model

@@ -86,6 +86,17 @@ def test_levels_the_dtype_cannot_hold_are_not_saved(tmp_path):
         save_checkpoint(model, tmp_path)
 
 
+def test_an_item_bias_is_stored_and_checked(tmp_path):
+    model = _quantized()
+    model.item_bias = torch.linspace(-1, 1, model.n_items)
+    save_checkpoint(model, tmp_path)
+    assert torch.equal(load_checkpoint(tmp_path).item_bias, model.item_bias)
+    model.item_bias = torch.zeros(model.n_items + 1)
+    save_checkpoint(model, tmp_path)
+    with pytest.raises(CheckpointError, match="'item_bias' must be finite float32 of shape"):
+        load_checkpoint(tmp_path)
+
+
 def test_the_activation_is_stored_and_applied(tmp_path):
     model = _quantized()
     model.method, model.activation = "gnaq-paper", "tanh"

@@ -25,6 +25,7 @@ class MethodSpec:
     rau: bool = True             # with code_rule "rau": mix in the neighbour aggregate (else own latent only)
     lambda_loss: bool = True
     negatives: int = 0           # negatives per positive; 0: the run's --n-negatives
+    item_bias: bool = False      # a learned score offset per item (user and global offsets cancel in BPR and ranking)
     continues: bool = True       # starts from a trained float model at the continuation learning rate
 
 
@@ -34,9 +35,9 @@ METHODS: dict[str, MethodSpec] = {
     "fp": MethodSpec(quantized=False, lambda_loss=False, negatives=8, continues=False),
     "fp-continued": MethodSpec(quantized=False),
     "gnaq": MethodSpec(quantized=True, latent=True, learn_levels=True, code_rule="rau"),
-    # the authors' code: BPR with 5 negatives, codes re-binned from the forward pass's propagation
+    # the authors' code: BPR with 5 negatives, bias terms, codes re-binned from the forward pass's propagation
     "gnaq-paper": MethodSpec(quantized=True, learn_levels=True, tanh=True, code_rule="rebin", lambda_loss=False,
-                             negatives=5),
+                             negatives=5, item_bias=True),
     "ste": MethodSpec(quantized=True, latent=True, code_rule="ste"),
     "no-rau": MethodSpec(quantized=True, latent=True, learn_levels=True, code_rule="rau", rau=False),
     "no-dqs": MethodSpec(quantized=True, latent=True, code_rule="rau"),
@@ -107,12 +108,14 @@ class QuantizedEmbedding(nn.Module):
 
 
 class Recommender(nn.Module):
-    """LightGCN over a layer-0 table of n_users + n_items nodes (users first)."""
+    """LightGCN over a layer-0 table of n_users + n_items nodes (users first); with `item_bias`, a
+    learned offset per item is added to its scores."""
 
-    def __init__(self, n_users: int, n_items: int, embedding: nn.Module, n_layers: int = 3):
+    def __init__(self, n_users: int, n_items: int, embedding: nn.Module, n_layers: int = 3, item_bias: bool = False):
         super().__init__()
         self.n_users, self.n_items, self.n_layers = n_users, n_items, n_layers
         self.embedding = embedding
+        self.item_bias = nn.Parameter(torch.zeros(n_items)) if item_bias else None
 
     def final_embeddings(self, adj: torch.Tensor) -> torch.Tensor:
         return propagate(adj, self.embedding.layer0(), self.n_layers)

@@ -24,6 +24,7 @@ import torch
 from gnaq_stream.checkpoint import StoredModel
 from gnaq_stream.config import LearnerConfig
 from gnaq_stream.data.events import Event
+from gnaq_stream.errors import CheckpointError
 from gnaq_stream.graph.interaction_graph import InteractionGraph
 from gnaq_stream.model.lightgcn import propagate_with_aggregate
 from gnaq_stream.quant.node_table import NodeTable
@@ -81,7 +82,11 @@ class StreamLearner:
         checkpoint's training edges become the graph. A float checkpoint is quantized as GNAQ does.
         The learner has no activation, so a checkpoint's (gnaq-paper: tanh) is folded into its levels:
         tanh acts value by value, so tanh(levels)[codes] = tanh(levels[codes]), rounded to the level
-        dtype like every stored level."""
+        dtype like every stored level. Item biases have no place in a serving row: such a checkpoint
+        is refused."""
+        if model.item_bias is not None:
+            raise CheckpointError(f"a {model.method} checkpoint scores with a bias per item, which serving rows "
+                                  "cannot carry: it cannot be streamed")
         cfg = LearnerConfig(**{**cfg.__dict__, "dim": model.dim, "n_layers": model.n_layers,
                                **({"bits": model.bits, "level_dtype": model.level_dtype} if model.bits else {})})
         learner = cls(cfg)

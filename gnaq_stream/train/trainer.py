@@ -60,11 +60,16 @@ def _rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def ranking_loss(final: torch.Tensor, layer0: torch.Tensor, n_users: int, users: torch.Tensor,
-                 pos: torch.Tensor, neg: torch.Tensor, lambda_weight: float, reg: float) -> torch.Tensor:
-    """BPR + lambda * LambdaLoss on final embeddings, plus L2 on the batch's layer-0 rows."""
+                 pos: torch.Tensor, neg: torch.Tensor, lambda_weight: float, reg: float,
+                 item_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """BPR + lambda * LambdaLoss on final embeddings (plus each item's bias, when the model has one),
+    plus L2 on the batch's layer-0 rows."""
     u, p, n = _rows(final, users), _rows(final, n_users + pos), _rows(final, n_users + neg)
     pos_scores = (u * p).sum(-1)
     neg_scores = torch.einsum("bd,bkd->bk", u, n)
+    if item_bias is not None:
+        pos_scores = pos_scores + item_bias[pos]
+        neg_scores = neg_scores + item_bias[neg]
     loss = bpr_loss(pos_scores, neg_scores)
     if lambda_weight > 0:
         loss = loss + lambda_weight * lambda_loss(pos_scores, neg_scores)
@@ -80,7 +85,7 @@ def training_step(rec: Recommender, adj: torch.Tensor, opt: torch.optim.Optimize
     re-derived by the method's rule; the step's loss. Offline training and consolidation share it."""
     layer0 = rec.embedding.layer0()
     final = propagate(adj, layer0, rec.n_layers)
-    loss = ranking_loss(final, layer0, rec.n_users, users, pos, neg, lambda_weight, reg)
+    loss = ranking_loss(final, layer0, rec.n_users, users, pos, neg, lambda_weight, reg, rec.item_bias)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -106,7 +111,7 @@ def export(rec: Recommender, method: str, cfg: TrainConfig, edges: np.ndarray | 
     """The model as it will be stored: quantized methods keep only codes + levels in the level dtype."""
     emb = rec.embedding
     common = dict(method=method, n_users=rec.n_users, n_items=rec.n_items, dim=cfg.dim, n_layers=cfg.n_layers,
-                  edges=edges)
+                  edges=edges, item_bias=None if rec.item_bias is None else rec.item_bias.detach().clone())
     if not isinstance(emb, QuantizedEmbedding):
         return StoredModel(**common, embedding=emb.layer0().detach().clone())
     emb.layer0()  # the STE rule refreshes codes from its latent here
@@ -132,9 +137,13 @@ def evaluate_stored(model: StoredModel, data: InteractionData, split: str = "tes
         adj = normalized_adjacency(data.n_users, data.n_items, known.users, known.items)
     with torch.no_grad():
         out = propagate(adj, model.layer0(), model.n_layers)
+    users, items = out[:data.n_users], out[data.n_users:]
+    if model.item_bias is not None:  # u.i + b_i as one more dimension: 1 on the user side, b_i on the item side
+        users = torch.cat([users, torch.ones(len(users), 1)], 1)
+        items = torch.cat([items, model.item_bias.unsqueeze(1)], 1)
     truth = interaction_matrix(data.n_users, data.n_items, getattr(data, split))
     exclude = interaction_matrix(data.n_users, data.n_items, known)
-    return evaluate_ranking(out[:data.n_users], out[data.n_users:], truth, exclude, progress=progress)
+    return evaluate_ranking(users, items, truth, exclude, progress=progress)
 
 
 def initial_table(data: InteractionData, cfg: TrainConfig) -> torch.Tensor:
@@ -173,7 +182,7 @@ def train(data: InteractionData, cfg: TrainConfig, init: torch.Tensor | None = N
     table = init if init is not None else initial_table(data, cfg)
     rec = Recommender(data.n_users, data.n_items, build_embedding(cfg.method, table, cfg.bits, cfg.rau_alpha,
                                                                   cfg.rau_half_degree, cfg.level_init),
-                      cfg.n_layers)
+                      cfg.n_layers, spec.item_bias)
     adj = normalized_adjacency(data.n_users, data.n_items, data.train.users, data.train.items)
     lr = cfg.qat_lr if spec.continues else cfg.lr
     groups = [{"params": [p for name, p in rec.named_parameters() if p.requires_grad and not name.endswith("levels")]},

@@ -5,7 +5,7 @@ import torch
 from gnaq_stream.checkpoint import StoredModel, load_checkpoint, save_checkpoint
 from gnaq_stream.config import LearnerConfig
 from gnaq_stream.data.events import Event
-from gnaq_stream.errors import ConfigError
+from gnaq_stream.errors import CheckpointError, ConfigError
 from gnaq_stream.model.lightgcn import propagate
 from gnaq_stream.quant.packing import LevelRangeError
 from gnaq_stream.quant.quantizer import init_from_embedding
@@ -51,6 +51,13 @@ def test_a_tanh_checkpoint_streams_with_its_tanh(tmp_path, level_dtype, toleranc
     # users' final rows = the refresh's context, held in float16 (relative error <= 2^-11), + their own share
     tolerance = max(tolerance, 2**-10)
     assert (torch.cat([learner.final_users, learner.final_items]) - final).abs().max() <= tolerance * final.abs().max()
+
+
+def test_a_checkpoint_with_item_biases_is_refused_not_streamed_without_them():
+    model = _checkpoint()
+    model.method, model.item_bias = "gnaq-paper", torch.ones(3)
+    with pytest.raises(CheckpointError, match="bias per item, which serving rows cannot carry"):
+        StreamLearner.from_checkpoint(model, CFG)
 
 
 def test_learner_rows_must_be_smaller_than_fp32():

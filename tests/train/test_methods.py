@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from gnaq_stream.checkpoint import StoredModel
 from gnaq_stream.config import TrainConfig
 from gnaq_stream.data.datasets import InteractionData, Split
 from gnaq_stream.errors import ConfigError
@@ -139,6 +140,25 @@ def test_gnaq_paper_rebins_the_propagated_embedding_and_squashes_it_with_tanh():
     stored = export(rec, "gnaq-paper", TrainConfig(method="gnaq-paper", **CFG))
     assert stored.activation == "tanh"
     torch.testing.assert_close(stored.layer0(), emb.layer0().detach())
+
+
+def test_only_gnaq_paper_learns_an_item_bias_and_ranks_with_it():
+    for method, spec in METHODS.items():
+        assert spec.item_bias == (method == "gnaq-paper")
+    result = train(_data(), TrainConfig(method="gnaq-paper", **CFG), init=_table(), progress=False)
+    bias = result.model.item_bias
+    assert bias is not None and bias.shape == (N_ITEMS,) and bias.abs().max() > 0
+    assert trainer.evaluate_stored(result.model, _data()) == result.metrics
+    data = _data()
+    unseen = [min(set(range(N_ITEMS)) - set(data.train.items[data.train.users == u].tolist())) for u in range(N_USERS)]
+    data = InteractionData("tiny", N_USERS, N_ITEMS, data.train, Split(np.arange(N_USERS), np.array(unseen)))
+    boost = torch.zeros(N_ITEMS)
+    boost[torch.tensor(unseen)] = 1e3  # every test item first: a ranking that reads the bias finds them
+    without = trainer.evaluate_stored(StoredModel(**{**result.model.__dict__, "item_bias": None}), data)
+    boosted = trainer.evaluate_stored(StoredModel(**{**result.model.__dict__, "item_bias": boost}), data)
+    assert boosted["recall@10"] == 1.0 > without["recall@10"]
+    assert result.model.size().bytes_model == (N_USERS + N_ITEMS) * (DIM * BITS // 8 + 4 * 4) + 4 * N_ITEMS
+    assert train(_data(), TrainConfig(method="gnaq", **CFG), init=_table(), progress=False).model.item_bias is None
 
 
 def test_ste_codes_follow_the_latent_on_a_static_grid():
