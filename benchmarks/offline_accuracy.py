@@ -38,8 +38,7 @@ ROWS = [
     ("no-rau", "no-rau", 2, [], True),
     ("no-dqs", "no-dqs", 2, [], True),
     ("no-lambda", "no-lambda", 2, [], True),
-    ("gnaq, RAU mix falling with degree (alpha 0.5, h 10)", "gnaq", 2,
-     ["--rau-alpha", "0.5", "--rau-half-degree", "10"], True),
+    ("gnaq, flat RAU mix 0.25 (h 0)", "gnaq", 2, ["--rau-alpha", "0.25", "--rau-half-degree", "0"], True),
     ("gnaq, levels at interval centres", "gnaq", 2, ["--level-init", "centre"], True),
     ("gnaq, fp16 levels", "gnaq", 2, ["--level-dtype", "fp16"], True),
 ]
