@@ -24,7 +24,7 @@ from gnaq_stream.data.datasets import carve_validation, load_dataset
 from gnaq_stream.graph.interaction_graph import normalized_adjacency
 from gnaq_stream.model.lightgcn import propagate
 from gnaq_stream.train.evaluation import evaluate_ranking, interaction_matrix
-from gnaq_stream.train.trainer import NegativeSampler, initial_table, ranking_loss, tune_allocator
+from gnaq_stream.train.trainer import NegativeSampler, initial_table, l2_penalty, ranking_loss, tune_allocator
 
 
 def softmax_loss(final: torch.Tensor, layer0: torch.Tensor, n_users: int, users: torch.Tensor, pos: torch.Tensor,
@@ -32,8 +32,7 @@ def softmax_loss(final: torch.Tensor, layer0: torch.Tensor, n_users: int, users:
     """Sampled softmax over the positive and the row's negatives (dot products), plus the same L2."""
     u, p, n = final[users], final[n_users + pos], final[n_users + neg]
     logits = torch.cat([(u * p).sum(1, keepdim=True), torch.einsum("bd,bkd->bk", u, n)], 1)
-    l2 = layer0[users].square().sum() + layer0[n_users + pos].square().sum() + layer0[n_users + neg].square().sum()
-    return -torch.log_softmax(logits, 1)[:, 0].mean() + reg * l2 / (2 * len(users))
+    return -torch.log_softmax(logits, 1)[:, 0].mean() + l2_penalty(layer0, n_users, users, pos, neg, reg)
 
 
 def main() -> None:

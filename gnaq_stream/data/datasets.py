@@ -114,12 +114,16 @@ def temporal_split(users: np.ndarray, items: np.ndarray, ts: np.ndarray, test_fr
     """Per user, the latest `test_fraction` of interactions (by time, ties by position) go to test."""
     order = np.lexsort((np.arange(len(users)), ts, users))
     u, i, t = users[order], items[order], ts[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(u)) + 1]
-    counts = np.diff(np.r_[starts, len(u)])
-    n_test = np.floor(counts * test_fraction).astype(np.int64)
-    rank_in_user = np.arange(len(u)) - np.repeat(starts, counts)
-    is_test = rank_in_user >= np.repeat(counts - n_test, counts)
+    is_test = _last_of_each_user(u, lambda counts: np.floor(counts * test_fraction).astype(np.int64))
     return Split(u[~is_test], i[~is_test], t[~is_test]), Split(u[is_test], i[is_test], t[is_test])
+
+
+def _last_of_each_user(sorted_users: np.ndarray, how_many: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Mask of the last `how_many(counts)` positions of each user's run in `sorted_users`."""
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_users)) + 1]
+    counts = np.diff(np.r_[starts, len(sorted_users)])
+    rank_in_user = np.arange(len(sorted_users)) - np.repeat(starts, counts)
+    return rank_in_user >= np.repeat(counts - how_many(counts), counts)
 
 
 def carve_validation(data: InteractionData, share: float, seed: int = 0) -> InteractionData:
@@ -136,15 +140,11 @@ def carve_validation(data: InteractionData, share: float, seed: int = 0) -> Inte
     tr = data.train
     tiebreak = tr.ts if tr.ts is not None else np.random.default_rng(seed).random(len(tr))
     order = np.lexsort((np.arange(len(tr)), tiebreak, tr.users))
-    users = tr.users[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(users)) + 1]
-    counts = np.diff(np.r_[starts, len(users)])
-    n_valid = np.minimum(np.round(counts * share), counts - 1).astype(np.int64)
-    if not n_valid.any():
-        return data
-    rank_in_user = np.arange(len(users)) - np.repeat(starts, counts)
     is_valid = np.zeros(len(tr), dtype=bool)
-    is_valid[order] = rank_in_user >= np.repeat(counts - n_valid, counts)
+    is_valid[order] = _last_of_each_user(
+        tr.users[order], lambda counts: np.minimum(np.round(counts * share), counts - 1).astype(np.int64))
+    if not is_valid.any():
+        return data
 
     def part(mask: np.ndarray) -> Split:
         return Split(tr.users[mask], tr.items[mask], None if tr.ts is None else tr.ts[mask])

@@ -7,6 +7,8 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.linalg import svds
 
+from gnaq_stream.graph.interaction_graph import unique_edges
+
 
 def _layers(adj: torch.Tensor, x: torch.Tensor, n_layers: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(mean of layers 0..L, layer 1: each node's normalised neighbour sum; None when L = 0)."""
@@ -57,8 +59,7 @@ def spectral_init(n_users: int, n_items: int, users: np.ndarray, items: np.ndarr
     component by its singular value, so training starts from a low-pass filter of the graph instead
     of noise (measured in docs/benchmarks.md, "Full-precision recipe").
     """
-    keys = np.unique(np.asarray(users, dtype=np.int64) * n_items + np.asarray(items, dtype=np.int64))
-    u, i = keys // n_items, keys % n_items
+    u, i = unique_edges(np.asarray(users), np.asarray(items), n_items)
     deg_u, deg_i = np.bincount(u, minlength=n_users), np.bincount(i, minlength=n_items)
     values = 1.0 / np.sqrt(deg_u[u] * deg_i[i].astype(np.float64))
     matrix = sp.csr_matrix((values, (u, i)), shape=(n_users, n_items))

@@ -73,9 +73,15 @@ def ranking_loss(final: torch.Tensor, layer0: torch.Tensor, n_users: int, users:
     loss = bpr_loss(pos_scores, neg_scores)
     if lambda_weight > 0:
         loss = loss + lambda_weight * lambda_loss(pos_scores, neg_scores)
+    return loss + l2_penalty(layer0, n_users, users, pos, neg, reg)
+
+
+def l2_penalty(layer0: torch.Tensor, n_users: int, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+               reg: float) -> torch.Tensor:
+    """reg/2 x the squared norm of the batch's layer-0 rows (user, positive, negatives), per example."""
     l2 = _rows(layer0, users).square().sum() + _rows(layer0, n_users + pos).square().sum() \
         + _rows(layer0, n_users + neg).square().sum()
-    return loss + reg * l2 / (2 * len(users))
+    return reg * l2 / (2 * len(users))
 
 
 def training_step(rec: Recommender, adj: torch.Tensor, opt: torch.optim.Optimizer, users: torch.Tensor,
