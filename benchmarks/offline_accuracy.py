@@ -6,9 +6,10 @@ precision with the same objective, learning rate and epoch budget) starts from i
 Everything runs through the `gnaq-stream` CLI. Early stopping reads the validation split only (the
 dataset's own, or the carve `--valid-share` takes from train); the test split is read once, at the end
 of each run. One Markdown table goes to docs/benchmarks.md (section `offline_accuracy`), raw results to
-runs/benchmarks/offline_accuracy.json.
+benchmarks/results/offline_accuracy.json (committed: the table is rebuilt from it, one dataset at a time).
 
     python benchmarks/offline_accuracy.py --datasets ml-1m gowalla --seeds 1 2 3
+    python benchmarks/offline_accuracy.py --datasets yelp2018 --reuse-fp   # resume: only missing runs
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def table(results: list[dict]) -> str:
              "| bytes | compression | CPU min | epochs (best) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
-    for r in results:
+    first = {d: i for i, d in enumerate(dict.fromkeys(r["dataset"] for r in results))}
+    for r in sorted(results, key=lambda r: first[r["dataset"]]):  # a resumed dataset's rows stay together
         groups.setdefault((r["dataset"], r["label"], r["bits"]), []).append(r)
     reference = {d: statistics.mean(x["recall@20"] for x in rs)
                  for (d, label, _), rs in groups.items() if label == "fp-continued"}
@@ -99,34 +101,36 @@ def main() -> None:
     p.add_argument("--ablations", nargs="*", default=["ml-1m", "gowalla"], help="datasets that get the ablation rows")
     p.add_argument("--data-dir")
     p.add_argument("--work-dir", default="runs/benchmarks")
-    p.add_argument("--reuse-fp", action="store_true", help="keep each dataset's fp checkpoint and row from an earlier run")
+    p.add_argument("--results", default=str(Path(__file__).parent / "results" / "offline_accuracy.json"))
+    p.add_argument("--reuse-fp", action="store_true",
+                   help="keep each dataset's fp checkpoint and every run already measured from it; run only missing ones")
     p.add_argument("--fp-only", action="store_true", help="train only the fp rows (continue them later with --reuse-fp)")
     args = p.parse_args()
-    work = Path(args.work_dir)
-    raw = work / "offline_accuracy.json"
-    earlier = json.loads(raw.read_text()) if raw.exists() else []
-    # rows of datasets not run now are kept, so that one dataset at a time builds up the table
-    results = [r for r in earlier if r["dataset"] not in args.datasets]
+    work, raw = Path(args.work_dir), Path(args.results)
+    # rows of other datasets are kept, so that one dataset at a time builds up the table
+    results = json.loads(raw.read_text()) if raw.exists() else []
     for dataset in args.datasets:
         fp_epochs, epochs = BUDGETS[dataset]
         fp_dir = work / dataset / "fp"
-        old = [r for r in earlier if r["dataset"] == dataset and r["label"] == "fp"]
-        if args.reuse_fp and old and (fp_dir / "model.json").exists():
-            print(f"reusing {fp_dir}", flush=True)
-            fp = old[0]
+        if args.reuse_fp and any(r["dataset"] == dataset and r["label"] == "fp" for r in results) \
+                and (fp_dir / "model.json").exists():
+            print(f"reusing {fp_dir} and the runs continued from it", flush=True)
         else:
+            results = [r for r in results if r["dataset"] != dataset]
             # validation every 5 epochs: a full-precision epoch is short next to a full ranking
-            fp = {**train(dataset, "fp", 2, fp_epochs, 2025, fp_dir, ["--eval-every", "5"], args.data_dir),
-                  "label": "fp"}
-        results.append(fp)
-        record(results, raw, len(args.seeds))
+            results.append({**train(dataset, "fp", 2, fp_epochs, 2025, fp_dir, ["--eval-every", "5"], args.data_dir),
+                            "label": "fp", "seed": 2025})
+            record(results, raw, len(args.seeds))
         for label, method, bits, extra, ablation in ROWS:
             if args.fp_only or (ablation and dataset not in args.ablations):
                 continue
             for seed in args.seeds:
+                if any(r["dataset"] == dataset and r["label"] == label and r["bits"] == bits and r["seed"] == seed
+                       for r in results):
+                    continue
                 out = work / dataset / f"{method}-{bits}-{len(results)}-seed{seed}"
                 r = train(dataset, method, bits, epochs, seed, out, extra, args.data_dir, init=fp_dir)
-                results.append({**r, "label": label})
+                results.append({**r, "label": label, "seed": seed})
                 record(results, raw, len(args.seeds))
 
 

@@ -43,7 +43,7 @@ def nearest(levels: torch.Tensor, level_dtype: str, generator: torch.Generator |
 def run(ckpt, events: list[Event], rounding: str, seed: int, batch: int) -> dict:
     learner_module.round_levels = nearest if rounding == "nearest" else packing.round_levels
     # a full propagation before every batch, so each event is ranked by the model refined so far
-    cfg = LearnerConfig(seed=seed, consolidate_ratio=0.0, refresh_seconds=0.0, refresh_max_share=1.0)
+    cfg = LearnerConfig(seed=seed, consolidate_pairs_per_event=0.0, refresh_seconds=0.0, refresh_max_share=1.0)
     learner = StreamLearner.from_checkpoint(ckpt, cfg)
     tables = (learner.users, learner.items)
     start = [(t.levels[:t.n].clone(), t.codes[:t.n].clone()) for t in tables]

@@ -8,13 +8,14 @@ isolates what refinement and consolidation do to accuracy and what they cost. Th
 numbers for the same blocks are shown alongside (same rule, from its report.json).
 
     python benchmarks/refinement.py --replay runs/simulator/yelp2018-none \
-        --variants refine_steps=0,consolidate_ratio=0 consolidate_ratio=0 ""
+        --variants refine_steps=0,consolidate_pairs_per_event=0 consolidate_pairs_per_event=0 ""
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from gnaq_stream.checkpoint import load_checkpoint  # noqa: E402
 from gnaq_stream.config import ConsumerConfig, LearnerConfig  # noqa: E402
 from gnaq_stream.data.datasets import Split, load_dataset  # noqa: E402
 from gnaq_stream.data.events import Event  # noqa: E402
+from gnaq_stream.stream.consolidation import earned  # noqa: E402
 from gnaq_stream.stream.learner import StreamLearner  # noqa: E402
 from simulator.evaluation import evaluate_block, learner_embeddings  # noqa: E402
 from simulator.protocol import build_replay  # noqa: E402
@@ -44,23 +46,23 @@ def parse_variant(text: str) -> dict:
 
 
 def consolidate(learner: StreamLearner, budget: float) -> float:
-    """Spend `budget` seconds the way the consumer does when idle: slices until it is used up."""
-    spent, slice_seconds = 0.0, learner.cfg.consolidate_slice_seconds
-    while spent < budget:
-        t = time.perf_counter()
-        learner.consolidate(min(budget - spent, slice_seconds))
-        spent += time.perf_counter() - t
-    return spent
+    """Spend a budget of `budget` training pairs the way the consumer does when idle: slices until it
+    is used up; the seconds it took."""
+    start, pairs = time.perf_counter(), math.ceil(budget)
+    while pairs > 0:
+        pairs -= learner.consolidate(pairs, learner.cfg.consolidate_slice_seconds)[1]
+    return time.perf_counter() - start
 
 
 def run_variant(replay, base, overrides: dict, first_scored: int, batch: int) -> dict:
     learner = StreamLearner.from_checkpoint(base, LearnerConfig(**overrides))
     recall, stream_seconds, refine_seconds, consolidate_seconds = {}, 0.0, 0.0, 0.0
-    block_seconds = 0.0
+    budget = 0.0
     for k in range(replay.n_blocks):
         start, end = replay.block(k)
         # between blocks the learner is idle: it consolidates with what the last block earned
-        consolidate_seconds += consolidate(learner, learner.cfg.consolidate_ratio * block_seconds)
+        consolidate_seconds += consolidate(learner, budget)
+        budget = 0.0
         if k >= first_scored:
             history = Split(replay.users[:start], replay.items[:start])
             block = Split(replay.users[start:end], replay.items[start:end])
@@ -71,8 +73,8 @@ def run_variant(replay, base, overrides: dict, first_scored: int, batch: int) ->
             result = learner.apply_micro_batch([Event(str(u), str(i), 0.0)
                                                 for u, i in zip(users.tolist(), items.tolist())])
             refine_seconds += result.refine_seconds
-        block_seconds = time.perf_counter() - t
-        stream_seconds += block_seconds
+            budget = earned(learner.cfg, budget, len(users), learner.graph.n_edges)
+        stream_seconds += time.perf_counter() - t
     return {"recall": recall, "stream_seconds": stream_seconds, "refine_seconds": refine_seconds,
             "consolidate_seconds": consolidate_seconds}
 
@@ -80,7 +82,8 @@ def run_variant(replay, base, overrides: dict, first_scored: int, batch: int) ->
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--replay", required=True, help="folder of a finished `simulator replay` (report.json, base/)")
-    p.add_argument("--variants", nargs="+", default=["refine_steps=0,consolidate_ratio=0", "consolidate_ratio=0", ""],
+    p.add_argument("--variants", nargs="+",
+                   default=["refine_steps=0,consolidate_pairs_per_event=0", "consolidate_pairs_per_event=0", ""],
                    help="learner settings per variant: NAME=VALUE[,NAME=VALUE]; \"\" = the defaults")
     p.add_argument("--from-block", type=int, default=3, help="first block scored (1-based)")
     p.add_argument("--base-fraction", type=float, default=0.6)
@@ -122,9 +125,10 @@ In process, from the base checkpoint of `{folder}` ({report['dataset']}, scenari
 {report['scenario']['name']}): every variant streams the same {replay.n_events - replay.bounds[1]:,} events after the
 base block in micro-batches of {batch:,}; blocks {scored[0]}..{scored[-1]} are scored before they are
 streamed in (the replay's rule), with the replay's static and retrain rows for the same blocks.
-`refine_steps=0` = graph and new nodes only, no refinement; `consolidate_ratio=0` = no idle-time
-consolidation. Consolidation runs between blocks (where the learner would be idle), spending
-`consolidate_ratio` x the previous block's streaming time, as the consumer does.
+`refine_steps=0` = graph and new nodes only, no refinement; `consolidate_pairs_per_event=0` = no
+idle-time consolidation. Consolidation runs between blocks (where the learner would be idle),
+spending the training pairs the previous block earned (`consolidate_pairs_per_event` per event), as
+the consumer does.
 
 """ + "\n".join(lines)
     write_section(f"refinement_{report['dataset']}", body)

@@ -94,8 +94,11 @@ class LearnerConfig:
     reg: float = 1e-4
     rau_alpha: float = 0.25  # the same RAU rule as offline; this mix measured at least as good on the replays
     rau_half_degree: float = 0.0
-    # idle-time full-graph training, x the time spent on micro-batches (docs/architecture.md)
-    consolidate_ratio: float = 1.0
+    # idle-time full-graph training earned per applied event, in training pairs: a budget in work, so
+    # that how much the learner learns does not depend on how fast the rest of its path is
+    # (docs/architecture.md)
+    consolidate_pairs_per_event: float = 4.0
+    consolidate_max_epochs: float = 1.0  # the budget never exceeds this many passes over the graph's edges
     consolidate_lr: float = 0.01  # 0.05 cost gowalla-ts 2.4 points of Recall@20 (docs/architecture.md)
     consolidate_batch: int = 32768
     consolidate_slice_seconds: float = 1.0  # a message arriving meanwhile waits this (+ one step) at most
@@ -128,7 +131,9 @@ class LearnerConfig:
         "reg": "L2 regularisation of the touched embeddings",
         "rau_alpha": "RAU neighbour mix of the code update, in [0, 1]",
         "rau_half_degree": "degree at which the neighbour mix is halved (0 = the same for every node)",
-        "consolidate_ratio": "idle-time full-graph training, in seconds per second of micro-batch work (0 = off)",
+        "consolidate_pairs_per_event": "idle-time full-graph training earned per applied event, in sampled (user, "
+                                       "positive) training pairs (0 = off)",
+        "consolidate_max_epochs": "cap of the unspent consolidation budget, in passes over the graph's edges",
         "consolidate_lr": "learning rate of consolidation",
         "consolidate_batch": "training pairs per consolidation step",
         "consolidate_slice_seconds": "consolidation runs in slices this long; a message waits at most one slice",
@@ -152,10 +157,10 @@ class LearnerConfig:
             check_row_format(self.dim, self.serve_bits, self.level_dtype)
         if self.refine_steps < 0 or self.refine_max_events < 1 or self.neighbour_samples < 1 or self.n_negatives < 1:
             raise ConfigError("refine_steps must be >= 0, neighbour_samples and n_negatives >= 1")
-        if self.consolidate_ratio < 0 or self.consolidate_lr <= 0 or self.consolidate_batch < 1 \
-                or self.consolidate_slice_seconds <= 0 or self.consolidate_after_idle_seconds < 0:
-            raise ConfigError("consolidate_ratio and _after_idle_seconds must be >= 0, consolidate_lr, _batch and "
-                              "_slice_seconds > 0")
+        if min(self.consolidate_pairs_per_event, self.consolidate_max_epochs, self.consolidate_after_idle_seconds) < 0 \
+                or self.consolidate_lr <= 0 or self.consolidate_batch < 1 or self.consolidate_slice_seconds <= 0:
+            raise ConfigError("consolidate_pairs_per_event, _max_epochs and _after_idle_seconds must be >= 0, "
+                              "consolidate_lr, _batch and _slice_seconds > 0")
         if not 0.0 < self.refresh_max_share <= 1.0:
             raise ConfigError(f"refresh_max_share must be in (0, 1], got {self.refresh_max_share}")
         if not 0.0 <= self.prequential_sample <= 1.0 or self.prequential_max_scores < 0:

@@ -69,8 +69,10 @@ class LearnerMetrics:
                                          buckets=_LATENCY_BUCKETS, registry=r)
         self.consolidate_seconds = Counter("gnaq_consolidate_seconds_total", "Wall time of idle-time full-graph "
                                            "training (consolidation), store write included", registry=r)
-        self.consolidate_budget = Gauge("gnaq_consolidate_budget_seconds",
-                                        "Consolidation time earned by streaming and not yet spent", registry=r)
+        self.consolidated_pairs = Counter("gnaq_consolidated_pairs_total", "Training pairs of idle-time full-graph "
+                                          "training (consolidation)", registry=r)
+        self.consolidate_budget = Gauge("gnaq_consolidate_budget_pairs",
+                                        "Consolidation training pairs earned by streaming and not yet spent", registry=r)
         self.freshness_seconds = BatchHistogram("gnaq_freshness_seconds",
                                                 "Kafka record timestamp to the event being applied and stored",
                                                 _LATENCY_BUCKETS, r)

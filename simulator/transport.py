@@ -197,7 +197,7 @@ class Learner:
             self.child.check()
             try:
                 metrics = self._metrics()
-                if metrics.get("gnaq_model_version", -1) >= version and metrics["gnaq_consolidate_budget_seconds"] <= 0:
+                if metrics.get("gnaq_model_version", -1) >= version and metrics["gnaq_consolidate_budget_pairs"] <= 0:
                     return metrics["gnaq_micro_batch_seconds_sum"] + metrics["gnaq_consolidate_seconds_total"]
             except OSError:  # metrics server not up yet
                 pass

@@ -200,13 +200,13 @@ class StreamLearner:
         self.items.version[changed_i] = self.version
         return result
 
-    def consolidate(self, seconds: float) -> tuple[BatchResult, int]:
-        """Full-graph training steps for about `seconds` (stream.consolidation): the nodes whose
-        stored rows changed, and the steps taken. Successive calls continue one optimiser until the
-        next micro-batch."""
+    def consolidate(self, pairs: int, seconds: float) -> tuple[BatchResult, int]:
+        """Full-graph training steps over `pairs` training pairs, cut short after about `seconds`
+        (stream.consolidation): the nodes whose stored rows changed, and the pairs trained. Successive
+        calls continue one optimiser until the next micro-batch."""
         if self.consolidator is None:
             self.consolidator = Consolidator(self.cfg, self.graph, self.users, self.items, self.rng)
-        steps = self.consolidator.run(seconds)
+        trained = self.consolidator.run(pairs, seconds)
         g = self.graph
         every = (np.arange(g.n_users), np.arange(g.n_items))
         # the rows as stored: packed once per idle period, then carried from slice to slice (only
@@ -220,7 +220,7 @@ class StreamLearner:
         changed = [np.flatnonzero((new != old).any(1)) for new, old in zip(after, before)]
         self.users.version[changed[0]] = self.version
         self.items.version[changed[1]] = self.version
-        return BatchResult(self.version, 0, changed_users=changed[0], changed_items=changed[1]), steps
+        return BatchResult(self.version, 0, changed_users=changed[0], changed_items=changed[1]), trained
 
     def _init_new_nodes(self, n_users0: int, n_items0: int, users: np.ndarray, items: np.ndarray) -> None:
         """Embedding of a new node = mean of its embedded neighbours (at most `neighbour_samples`; a

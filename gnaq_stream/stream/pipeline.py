@@ -11,6 +11,7 @@ store and offsets as they were, so the same records can be processed again.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -23,6 +24,7 @@ from gnaq_stream.data.events import Event, Rejection, parse_event
 from gnaq_stream.metrics import LearnerMetrics
 from gnaq_stream.quant.packing import model_size
 from gnaq_stream.store.embedding_store import EmbeddingStore
+from gnaq_stream.stream.consolidation import earned
 from gnaq_stream.stream.learner import BatchResult, StreamLearner
 from gnaq_stream.stream.prequential import KS, PrequentialEvaluator
 from gnaq_stream.stream.sending import send_all
@@ -64,8 +66,8 @@ class MicroBatchPipeline:
         cfg = learner.cfg
         self.prequential = PrequentialEvaluator(cfg.prequential_window, cfg.prequential_sample, cfg.seed,
                                                 cfg.prequential_max_scores)
-        self.budget = 0.0  # consolidation seconds earned by micro-batches, spent while idle
-        self.consolidated_steps = 0
+        self.budget = 0.0  # consolidation training pairs earned by applied events, spent while idle
+        self.consolidated_pairs = 0
         self.producer: KafkaProducer | None = None
         self.dlq_topic = ""
         self.updates: UpdatesPublisher | None = None
@@ -115,7 +117,7 @@ class MicroBatchPipeline:
         m.refine_seconds.observe(result.refine_seconds)
         elapsed = time.perf_counter() - start
         m.micro_batch_seconds.observe(elapsed)
-        self.budget += self.learner.cfg.consolidate_ratio * elapsed
+        self.budget = earned(self.learner.cfg, self.budget, len(events), self.learner.graph.n_edges)
         self.update_model_metrics()
         return offsets
 
@@ -227,23 +229,23 @@ class MicroBatchPipeline:
     # ---- idle-time consolidation ----------------------------------------------------------------
 
     def can_consolidate(self, idle_seconds: float) -> bool:
-        return (idle_seconds >= self.learner.cfg.consolidate_after_idle_seconds and self.budget > 0
-                and self.learner.graph.n_edges > 0)  # no budget accrues at ratio 0
+        return idle_seconds >= self.learner.cfg.consolidate_after_idle_seconds and self.budget > 0
 
     def consolidate(self) -> BatchResult:
         """One slice of full-graph training, stored like a micro-batch (offsets unchanged)."""
         start = time.perf_counter()
         learner = self.learner
-        result, steps = learner.consolidate(min(self.budget, learner.cfg.consolidate_slice_seconds))
+        result, trained = learner.consolidate(math.ceil(self.budget), learner.cfg.consolidate_slice_seconds)
         self.store.write(learner.changes(result, {}))
-        spent = time.perf_counter() - start
-        self.budget = max(self.budget - spent, 0.0)
-        self.consolidated_steps += steps
-        self.metrics.consolidate_seconds.inc(spent)
+        self.budget = max(self.budget - trained, 0.0)
+        self.consolidated_pairs += trained
+        self.metrics.consolidate_seconds.inc(time.perf_counter() - start)
+        self.metrics.consolidated_pairs.inc(trained)
         self.update_model_metrics()
         if self.budget == 0.0:
-            log.info("consolidated: %d full-graph steps; model version %d", self.consolidated_steps, learner.version)
-            self.consolidated_steps = 0
+            log.info("consolidated: %d training pairs over the whole graph; model version %d",
+                     self.consolidated_pairs, learner.version)
+            self.consolidated_pairs = 0
         return result
 
     def update_model_metrics(self) -> None:

@@ -305,7 +305,7 @@ def test_a_new_users_first_event_is_served(kafka_broker, replicas, data_dir, tmp
     produce(kafka_broker.bootstrap, "fresh", encode(events))
     (replica,) = replicas("fresh-updates", 1)
     store = tmp_path / "learner"
-    learner = subprocess.Popen(consume_cmd(kafka_broker.bootstrap, "fresh", store, "--consolidate-ratio", "0",
+    learner = subprocess.Popen(consume_cmd(kafka_broker.bootstrap, "fresh", store, "--consolidate-pairs-per-event", "0",
                                            "--updates-topic", "fresh-updates"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

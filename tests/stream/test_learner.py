@@ -195,8 +195,8 @@ def test_consolidation_trains_the_whole_graph_and_versions_the_rows_it_changed()
     before = _community_auc(learner)
     version = learner.version
     rows = learner.users.packed(np.arange(40)), learner.items.packed(np.arange(40))
-    result, steps = learner.consolidate(1.0)
-    assert steps >= 1 and result.events == 0 and result.version == learner.version == version + 1
+    result, trained = learner.consolidate(256 * 40, 60.0)
+    assert trained == 256 * 40 and result.events == 0 and result.version == learner.version == version + 1
     # exactly the rows whose stored bytes changed are reported (and written), with the new version
     for table, old, changed in ((learner.users, rows[0], result.changed_users),
                                 (learner.items, rows[1], result.changed_items)):
@@ -210,10 +210,24 @@ def test_consolidation_trains_the_whole_graph_and_versions_the_rows_it_changed()
     after = _community_auc(learner)
     assert after > max(before, 0.97), (before, after)
     consolidator = learner.consolidator
-    learner.consolidate(0.1)
+    learner.consolidate(256, 60.0)
     assert learner.consolidator is consolidator  # one optimiser across the slices of an idle period
     learner.apply_micro_batch([Event("0", "1", 1.0)])
     assert learner.consolidator is None
+
+
+def test_consolidation_trains_exactly_the_pairs_it_is_given_in_even_steps():
+    cfg = LearnerConfig(dim=8, bits=2, level_dtype="fp8", refine_steps=0, consolidate_batch=256)
+    learner = StreamLearner(cfg)
+    learner.apply_micro_batch([Event(str(u), str((u * 7 + k) % 30), 0.0) for u in range(30) for k in range(5)])
+
+    def adam_steps():
+        return {int(state["step"]) for state in learner.consolidator.optimizer.state.values()}
+
+    assert learner.consolidate(600, 60.0)[1] == 600 and adam_steps() == {3}  # 3 steps of 200, not 256 + 256 + 88
+    assert learner.consolidate(300, 60.0)[1] == 300 and adam_steps() == {5}  # 2 more of 150
+    # past its time slice it stops early (after one step) and reports what it trained
+    assert learner.consolidate(10 * 256, 0.0)[1] == 256
 
 
 def _rows_dequantised(learner, events, monkeypatch):

@@ -105,6 +105,27 @@ def _member(member_id, since):
     return SimpleNamespace(member_id=member_id, metadata=SimpleNamespace(topics=["t"], user_data=user_data))
 
 
+def test_consolidation_is_earned_per_applied_event_capped_and_spent_to_zero(tmp_path, monkeypatch):
+    cfg = LearnerConfig(dim=8, bits=2, refine_steps=0, prequential_sample=0.0, consolidate_pairs_per_event=3.0,
+                        consolidate_max_epochs=2.0, consolidate_batch=64, consolidate_after_idle_seconds=0.0)
+    store = EmbeddingStore(tmp_path / "store")
+    learner = StreamLearner(cfg)
+    store.write(learner.initial_changes())
+    pipe = MicroBatchPipeline(learner, store)
+    # work, not seconds: the same events earn the same budget however slow the batch was
+    clock = iter(range(0, 10_000, 100))
+    monkeypatch.setattr("gnaq_stream.stream.pipeline.time.perf_counter", lambda: float(next(clock)))
+    pipe.process([record(k, event(f"u{k % 20}", f"i{k % 7}")) for k in range(40)])  # 1 event per edge
+    assert pipe.budget == 3.0 * 40 * 2 / 3  # capped at 2 epochs of the 40 edges, not 3 x 40 events
+    monkeypatch.undo()
+    assert pipe.can_consolidate(idle_seconds=0.0)
+    pipe.consolidate()
+    assert pipe.budget == 0.0 and not pipe.can_consolidate(idle_seconds=0.0)
+    sample = pipe.metrics.registry.get_sample_value
+    assert sample("gnaq_consolidated_pairs_total") == 80 and sample("gnaq_consolidate_budget_pairs") == 0
+    store.close()
+
+
 def test_the_sole_owner_assignor_gives_every_partition_to_the_first_member():
     cluster = SimpleNamespace(partitions_for_topic=lambda topic: {0, 1, 2})
     members = [_member("b", 20.0), _member("a", 10.0), _member("c", None)]  # c: not one of ours
