@@ -60,3 +60,18 @@ def test_a_store_of_another_format_is_refused_clearly(tmp_path):
         store.db.put(b"Mmodel", json.dumps({**meta, "format": "gnaq-stream-store/1"}).encode())
     with EmbeddingStore(tmp_path) as store, pytest.raises(StoreError, match="store format 'gnaq-stream-store/1'"):
         store.load(LearnerConfig())
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda db: db.delete(b"u" + (3).to_bytes(4, "big")), "ids u are not indexed 0..5"),
+    (lambda db: db.delete(b"I" + (0).to_bytes(4, "big")), "10 rows for 11 I nodes"),
+    (lambda db: db.put(b"U" + (2).to_bytes(4, "big"), b"short"), "U rows of another size"),
+])
+def test_a_damaged_store_is_a_clear_error_not_a_wrong_model(tmp_path, damage, message):
+    learner = StreamLearner(CFG)
+    with EmbeddingStore(tmp_path) as store:
+        store.write(learner.initial_changes())
+        store.write(learner.changes(learner.apply_micro_batch(_stream(learner, 20)), {("ev", 0): 20}))
+        damage(store.db)
+        with pytest.raises(StoreError, match=message):
+            store.load(LearnerConfig())
