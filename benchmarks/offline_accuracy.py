@@ -171,6 +171,9 @@ keeps its authors' BPR over 5 negatives) and the epoch budget ({budgets}). Every
 on the validation split: ml-1m's own, elsewhere 10% of each user's training interactions carved from
 train (seed 0), which every row then does not train on. The test split is read once per run, at its
 end, with train and validation as the known graph. A difference inside the seeds' spread is a tie.
+`fp, all of train (final)`: the published protocol's number, `fp` retrained (seed 2025) on the whole
+train split for the epoch count its carved run chose, no early stopping, test read once; hold it
+against published LightGCN results (the continued rows compare with `fp-continued`, not with it).
 Quantized rows store levels in fp8 unless the row says otherwise and are evaluated as stored (packed,
 rounded). Bytes = everything the embedding table needs (codes + levels). CPU min = user + system CPU
 time of the run (2 threads).

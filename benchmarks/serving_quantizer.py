@@ -1,0 +1,126 @@
+"""What serving rows cost in ranking: the product's serving quantizer against alternatives, in process.
+
+A replica scores with serving rows: each node's final (propagated) embedding quantized node-wise
+(`quantize_rows`: levels at the means of 2^n equal intervals of the node's range, fp8). This probe
+asks what else could keep >= 98% of the model's Recall@20 at >= 10x less memory than fp32 (issue 14)
+by quantizing the same final embeddings several ways and ranking with them, on the validation split
+(train as the graph; the split every choice is made on) and on the test split (train + validation as
+the graph). Alternatives that are not in the product are written here only:
+
+- `lloyd`: the product's levels refined by 10 Lloyd iterations (codes nearest, levels the means);
+- `users float`: user rows left unquantized (what the user side costs);
+- `affine`: 2^n uniform levels between the row's min and max, stored as two fp8 numbers;
+- `symmetric`: 2^n uniform levels in [-a, a], a = the row's largest |value| as one fp8 number.
+
+    python benchmarks/serving_quantizer.py --checkpoints runs/benchmarks/gowalla/fp \
+        runs/benchmarks/gowalla/gnaq-2-44-seed1 --dataset gowalla
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import write_section  # noqa: E402
+
+from gnaq_stream.checkpoint import load_checkpoint  # noqa: E402
+from gnaq_stream.data.datasets import InteractionData, carve_validation, load_dataset  # noqa: E402
+from gnaq_stream.graph.interaction_graph import normalized_adjacency  # noqa: E402
+from gnaq_stream.model.lightgcn import propagate  # noqa: E402
+from gnaq_stream.quant.packing import round_levels  # noqa: E402
+from gnaq_stream.quant.quantizer import dequantize, init_from_embedding, nearest_codes  # noqa: E402
+from gnaq_stream.train.evaluation import evaluate_ranking, interaction_matrix  # noqa: E402
+from gnaq_stream.train.trainer import _known_before  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+
+
+def product(x: torch.Tensor, bits: int) -> torch.Tensor:
+    levels, codes = init_from_embedding(x, bits)
+    return dequantize(round_levels(levels, "fp8"), codes)
+
+
+def lloyd(x: torch.Tensor, bits: int, iterations: int = 10) -> torch.Tensor:
+    levels, codes = init_from_embedding(x, bits)
+    for _ in range(iterations):
+        codes = nearest_codes(x, levels)
+        count = torch.zeros_like(levels).scatter_add_(1, codes.long(), torch.ones_like(x))
+        total = torch.zeros_like(levels).scatter_add_(1, codes.long(), x)
+        levels = torch.where(count > 0, total / count.clamp_min(1), levels)
+    levels = round_levels(levels, "fp8")
+    return dequantize(levels, nearest_codes(x, levels))
+
+
+def uniform(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    steps = torch.arange(1 << bits, dtype=torch.float32) / ((1 << bits) - 1)
+    if symmetric:
+        a = x.abs().amax(1, keepdim=True).to(FP8).float()
+        levels = -a + 2 * a * steps
+    else:
+        lo, hi = x.amin(1, keepdim=True).to(FP8).float(), x.amax(1, keepdim=True).to(FP8).float()
+        levels = lo + (hi - lo) * steps
+    return dequantize(levels, nearest_codes(x, levels))
+
+
+# name -> (bytes per node: codes + levels, or None for float user rows; user rows; item rows)
+def variants(dim: int) -> dict:
+    codes = {b: dim * b // 8 for b in (2, 3, 4)}
+    return {
+        "product, 2 bits": (codes[2] + 4, lambda x: product(x, 2), lambda x: product(x, 2)),
+        "product, 2 bits, users float": (None, lambda x: x, lambda x: product(x, 2)),
+        "lloyd, 2 bits": (codes[2] + 4, lambda x: lloyd(x, 2), lambda x: lloyd(x, 2)),
+        "product, 3 bits": (codes[3] + 8, lambda x: product(x, 3), lambda x: product(x, 3)),
+        "affine, 3 bits": (codes[3] + 2, lambda x: uniform(x, 3, False), lambda x: uniform(x, 3, False)),
+        "symmetric, 3 bits": (codes[3] + 1, lambda x: uniform(x, 3, True), lambda x: uniform(x, 3, True)),
+        "product, 4 bits": (codes[4] + 16, lambda x: product(x, 4), lambda x: product(x, 4)),
+    }
+
+
+@torch.no_grad()
+def recall(data: InteractionData, final: torch.Tensor, split: str, users_fn, items_fn) -> float:
+    known = _known_before(data, split)
+    truth = interaction_matrix(data.n_users, data.n_items, getattr(data, split))
+    exclude = interaction_matrix(data.n_users, data.n_items, known)
+    return evaluate_ranking(users_fn(final[:data.n_users]), items_fn(final[data.n_users:]), truth, exclude)["recall@20"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--checkpoints", nargs="+", required=True)
+    p.add_argument("--data-dir")
+    p.add_argument("--valid-share", type=float, default=0.1, help="the carve the checkpoints were trained with")
+    args = p.parse_args()
+    data = carve_validation(load_dataset(args.dataset, args.data_dir), args.valid_share)
+    lines = ["| checkpoint | serving rows | bytes per node | vs fp32 | valid R@20 served / model | test R@20 served / model |",
+             "|---|---|---|---|---|---|"]
+    for path in args.checkpoints:
+        model = load_checkpoint(path)
+        finals = {}
+        for split in ("valid", "test"):
+            known = _known_before(data, split)
+            adj = normalized_adjacency(data.n_users, data.n_items, known.users, known.items)
+            finals[split] = propagate(adj, model.layer0(), model.n_layers)
+        exact = {s: recall(data, f, s, lambda x: x, lambda x: x) for s, f in finals.items()}
+        for name, (size, users_fn, items_fn) in variants(model.dim).items():
+            got = {s: recall(data, f, s, users_fn, items_fn) for s, f in finals.items()}
+            cells = " | ".join(f"{got[s]:.4f} / {exact[s]:.4f} ({got[s] / exact[s]:.1%})" for s in ("valid", "test"))
+            bytes_cell = f"{size} | {4 * model.dim / size:.1f}x" if size else "items only | -"
+            lines.append(f"| {Path(path).name} | {name} | {bytes_cell} | {cells} |")
+            print(lines[-1], flush=True)
+    write_section(f"serving_quantizer_{args.dataset}", f"""## Serving rows against the model (`benchmarks/serving_quantizer.py`, {args.dataset})
+
+Final embeddings of each checkpoint quantized for serving in several ways and ranked with (full
+ranking, Recall@20), on the carved validation split (train as the graph) and on test (train +
+validation); percentages are served / model. Bytes per node at dim {model.dim} (codes + levels); vs fp32 =
+{4 * model.dim} bytes / that. Target (issue 14): >= 98% of the model's Recall@20 at >= 10x.
+
+""" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
