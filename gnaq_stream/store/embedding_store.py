@@ -90,11 +90,6 @@ class StoredState:
     model_id: str | None
 
 
-def decode_row(value: bytes) -> tuple[int, bytes]:
-    """A stored node row: the model version that last changed it, then the packed codes + levels."""
-    return _VERSION.unpack_from(value)[0], value[_VERSION.size:]
-
-
 def offset_key(topic: str, partition: int) -> bytes:
     return b"O" + topic.encode() + b"\0" + _U32.pack(partition)
 
