@@ -136,8 +136,9 @@ def main() -> None:
             if args.fp_only or (ablation and dataset not in args.ablations):
                 continue
             for seed in args.seeds:
-                if any(r["dataset"] == dataset and r["label"] == label and r["bits"] == bits and r["seed"] == seed
-                       for r in results):
+                # a full-precision run reports bits None
+                if any(r["dataset"] == dataset and r["label"] == label and (r["bits"] or bits) == bits
+                       and r["seed"] == seed for r in results):
                     continue
                 out = work / dataset / f"{method}-{bits}-{len(results)}-seed{seed}"
                 r = train(dataset, method, bits, epochs, seed, out, extra, args.data_dir, init=fp_dir)
