@@ -9,6 +9,9 @@ numbers for the same blocks are shown alongside (same rule, from its report.json
 
     python benchmarks/refinement.py --replay runs/simulator/yelp2018-none \
         --variants refine_steps=0,consolidate_pairs_per_event=0 consolidate_pairs_per_event=0 ""
+
+With `--seeds`, every variant runs once per learner seed (sampling of refinement and consolidation)
+and the table shows mean ± std over the seeds.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -79,12 +83,19 @@ def run_variant(replay, base, overrides: dict, first_scored: int, batch: int) ->
             "consolidate_seconds": consolidate_seconds}
 
 
+def _mean_std(values: list[float], fmt: str) -> str:
+    if len(values) == 1:
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--replay", required=True, help="folder of a finished `simulator replay` (report.json, base/)")
     p.add_argument("--variants", nargs="+",
                    default=["refine_steps=0,consolidate_pairs_per_event=0", "consolidate_pairs_per_event=0", ""],
                    help="learner settings per variant: NAME=VALUE[,NAME=VALUE]; \"\" = the defaults")
+    p.add_argument("--seeds", nargs="+", type=int, default=[LearnerConfig().seed], help="learner seeds per variant")
     p.add_argument("--from-block", type=int, default=3, help="first block scored (1-based)")
     p.add_argument("--base-fraction", type=float, default=0.6)
     p.add_argument("--block-fraction", type=float, default=0.1)
@@ -102,10 +113,12 @@ def main() -> None:
     batch = ConsumerConfig().micro_batch_size
     results = []
     for text in args.variants:
-        r = run_variant(replay, base, parse_variant(text), args.from_block - 1, batch)
-        print(text or "(defaults)", r, flush=True)
-        results.append({"variant": text or "defaults", **r})
-    scored = sorted(results[0]["recall"])
+        runs = []
+        for seed in args.seeds:
+            runs.append(run_variant(replay, base, {**parse_variant(text), "seed": seed}, args.from_block - 1, batch))
+            print(text or "(defaults)", seed, runs[-1], flush=True)
+        results.append({"variant": text or "defaults", "runs": runs})
+    scored = sorted(results[0]["runs"][0]["recall"])
     reference = {b["block"]: b["models"] for b in report["blocks"]}
     lines = ["| learner settings | " + " | ".join(f"block {b} R@20" for b in scored)
              + " | mean / retrain's | streaming s | of which refinement s | consolidation s |",
@@ -115,11 +128,13 @@ def main() -> None:
         lines.append(f"| replay's {name} | " + " | ".join(f"{v:.4f}" for v in values) + " | | | | |")
     retrain_mean = np.mean([reference[b]["retrain"]["recall@20"] for b in scored])
     for r in results:
-        values = [r["recall"][b] for b in scored]
-        lines.append(f"| {r['variant']} | " + " | ".join(f"{v:.4f}" for v in values)
-                     + f" | {np.mean(values) / retrain_mean:.1%} | {r['stream_seconds']:.1f} | {r['refine_seconds']:.1f} "
-                     f"| {r['consolidate_seconds']:.1f} |")
-    body = f"""## Streaming refinement and consolidation (`benchmarks/refinement.py`)
+        cells = [_mean_std([run["recall"][b] for run in r["runs"]], ".4f") for b in scored]
+        share = _mean_std([np.mean([run["recall"][b] for b in scored]) / retrain_mean * 100 for run in r["runs"]], ".1f")
+        seconds = " | ".join(_mean_std([run[k] for run in r["runs"]], ".1f")
+                             for k in ("stream_seconds", "refine_seconds", "consolidate_seconds"))
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {share}% | {seconds} |")
+    seeds = f"mean ± std over learner seeds {args.seeds}" if len(args.seeds) > 1 else f"learner seed {args.seeds[0]}"
+    body = f"""## Streaming refinement and consolidation (`benchmarks/refinement.py`, {report['dataset']})
 
 In process, from the base checkpoint of `{folder}` ({report['dataset']}, scenario
 {report['scenario']['name']}): every variant streams the same {replay.n_events - replay.bounds[1]:,} events after the
@@ -128,7 +143,7 @@ streamed in (the replay's rule), with the replay's static and retrain rows for t
 `refine_steps=0` = graph and new nodes only, no refinement; `consolidate_pairs_per_event=0` = no
 idle-time consolidation. Consolidation runs between blocks (where the learner would be idle),
 spending the training pairs the previous block earned (`consolidate_pairs_per_event` per event), as
-the consumer does.
+the consumer does. Learner rows: {seeds}.
 
 """ + "\n".join(lines)
     write_section(f"refinement_{report['dataset']}", body)
