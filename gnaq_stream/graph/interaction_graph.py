@@ -111,6 +111,13 @@ def _count_into(degrees: np.ndarray, nodes: np.ndarray) -> None:
         degrees += np.bincount(nodes, minlength=len(degrees)).astype(degrees.dtype)
 
 
+def _row_starts(degrees: np.ndarray) -> np.ndarray:
+    """Start of each node's row in edges grouped by node (and the end of the last)."""
+    starts = np.zeros(len(degrees) + 1, dtype=np.int64)
+    np.cumsum(degrees, out=starts[1:])
+    return starts
+
+
 class _Array:
     """A 1-d numpy array with amortised O(1) appends."""
 
@@ -327,8 +334,11 @@ class InteractionGraph:
         elif len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
             order = np.argsort(keys)
             keys, counts = keys[order], np.asarray(counts)[order]
-        counts = np.asarray(counts, dtype=np.uint32)
+        counts = np.array(counts, dtype=np.uint32)  # a copy: the graph adds to it
         self.n_events += int(counts.sum())
+        if not self.n_edges:  # an empty graph (a restart's snapshot): the merged arrays in one pass
+            self._load_sorted(keys, counts)
+            return len(keys)
         fresh = self._count(self._keys, self._counts, keys, counts)
         keys, counts = keys[fresh], counts[fresh]
         fresh = self._count(self._pending, self._pending_counts, keys, counts)
@@ -343,6 +353,16 @@ class InteractionGraph:
         if len(self._pending) >= MERGE_EDGES:
             self.merge()
         return len(keys)
+
+    def _load_sorted(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        """Distinct sorted edges into an empty graph, the same arrays as adding them as pending and
+        merging (item rows ordered by user), without the copies and searches (a third of a restart)."""
+        users, items = keys >> 32, keys & ITEM_MASK
+        self._keys, self._counts = keys, counts
+        self._item_users = (np.sort(items << 32 | users) & ITEM_MASK).astype(np.int32)
+        _count_into(self._deg_u.view, users)
+        _count_into(self._deg_i.view, items)
+        self._user_ptr, self._item_ptr = _row_starts(self._deg_u.view), _row_starts(self._deg_i.view)
 
     @staticmethod
     def _count(sorted_keys: np.ndarray, counts: np.ndarray, keys: np.ndarray, add: np.ndarray) -> np.ndarray:
@@ -366,11 +386,9 @@ class InteractionGraph:
             self._item_users = _insert(self._item_users, ends, (by_item & ITEM_MASK).astype(np.int32))
             self._pending = self._pending_by_item = np.zeros(0, dtype=np.int64)
             self._pending_counts = np.zeros(0, dtype=np.uint32)
-        for kind, ptr in (("_user_ptr", self._deg_u.view), ("_item_ptr", self._deg_i.view)):
-            if len(new) or len(getattr(self, kind)) != len(ptr) + 1:
-                starts = np.zeros(len(ptr) + 1, dtype=np.int64)
-                np.cumsum(ptr, out=starts[1:])
-                setattr(self, kind, starts)
+        for kind, degrees in (("_user_ptr", self._deg_u.view), ("_item_ptr", self._deg_i.view)):
+            if len(new) or len(getattr(self, kind)) != len(degrees) + 1:
+                setattr(self, kind, _row_starts(degrees))
 
     # ---- neighbours and degrees ------------------------------------------------------------------
 

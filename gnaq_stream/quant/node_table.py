@@ -8,6 +8,8 @@ import torch
 from gnaq_stream.quant.packing import pack_rows, round_levels, unpack_rows
 from gnaq_stream.quant.quantizer import dequantize, init_from_embedding
 
+LOAD_CHUNK = 1 << 16  # rows dequantised at a time when a table is loaded
+
 
 class NodeTable:
     """Rows 0..n-1 hold nodes; capacity grows by a quarter as nodes arrive, so appends stay amortised
@@ -68,9 +70,14 @@ class NodeTable:
         self.n = len(codes)
         self.levels[:self.n] = levels
         self.codes[:self.n] = torch.from_numpy(codes)
-        self.latent[:self.n] = dequantize(levels, torch.from_numpy(codes))
         self.version[:self.n] = versions
-        self.mean = self.latent[:self.n].float().mean(0) if self.n else torch.zeros(self.dim)
+        total = torch.zeros(self.dim, dtype=torch.float64)
+        for start in range(0, self.n, LOAD_CHUNK):  # in slices: no full-table float temporaries (a restart)
+            rows = slice(start, min(start + LOAD_CHUNK, self.n))
+            x = dequantize(self.levels[rows], self.codes[rows])
+            self.latent[rows] = x
+            total += x.sum(0, dtype=torch.float64)
+        self.mean = (total / max(self.n, 1)).float()
 
     def embeddings(self, idx: np.ndarray | None = None) -> torch.Tensor:
         """Dequantised layer-0 embeddings (all nodes when idx is None)."""

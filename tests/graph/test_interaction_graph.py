@@ -96,6 +96,45 @@ def test_array_graph_matches_a_reference_built_from_the_same_events(monkeypatch,
     assert {(g.users.external[a], g.items.external[b]): c for a, b, c in zip(u, i, counts)} == dict(ref)
 
 
+def _same_graph(a: InteractionGraph, b: InteractionGraph) -> None:
+    for x, y in zip(a.edges(), b.edges()):
+        assert np.array_equal(x, y)
+    assert np.array_equal(a.user_degrees(), b.user_degrees()) and np.array_equal(a.item_degrees(), b.item_degrees())
+    for side in ("items_of_users", "users_of_items"):
+        nodes = np.arange(a.n_users if side == "items_of_users" else a.n_items)
+        (owner_a, of_a), (owner_b, of_b) = getattr(a, side)(nodes), getattr(b, side)(nodes)
+        assert np.array_equal(owner_a, owner_b)  # grouped by node, the same number each
+        order_a, order_b = np.lexsort((of_a, owner_a)), np.lexsort((of_b, owner_b))
+        assert np.array_equal(of_a[order_a], of_b[order_b])  # the same neighbours (in the store's order)
+    assert torch.equal(a.normalized_adjacency().to_dense(), b.normalized_adjacency().to_dense())
+
+
+@pytest.mark.parametrize("merge_edges", [7, 1 << 18])
+def test_a_snapshot_loaded_into_an_empty_graph_equals_the_graph_it_came_from(monkeypatch, merge_edges):
+    """Edges with counts into an empty graph (a restart) take a one-pass path: the result is the graph
+    the edges came from (neighbours in id order rather than arrival order, as a snapshot keeps them),
+    and it goes on growing like it."""
+    monkeypatch.setattr(interaction_graph, "MERGE_EDGES", merge_edges)
+    rng = np.random.default_rng(1)
+    source, restored = InteractionGraph(), InteractionGraph()
+    batches = [([f"u{k}" for k in rng.zipf(1.5, 30) % 50], [f"i{k}" for k in rng.zipf(1.3, 30) % 40])
+               for _ in range(20)]
+    for users, items in batches[:10]:
+        source.add_interactions(source.add_users(users), source.add_items(items))
+    restored.add_users(source.users.external)
+    restored.add_items(source.items.external)
+    restored.edges()  # row starts already sized for these nodes: the load must still set them
+    users, items, counts = source.edges()
+    shuffled = rng.permutation(len(users))  # a snapshot in any order
+    assert restored.add_interactions(users[shuffled], items[shuffled], counts[shuffled]) == len(users)
+    assert restored.n_events == source.n_events
+    _same_graph(source, restored)
+    for users, items in batches[10:]:
+        for g in (source, restored):
+            g.add_interactions(g.add_users(users), g.add_items(items))
+    _same_graph(source, restored)
+
+
 class _SameHash(str):
     """An id whose hash collides with every other such id."""
 
