@@ -84,7 +84,7 @@ def learner_bytes(learner: StreamLearner) -> tuple[int, int]:
     """(node tables, propagated state) bytes the learner holds, capacity included."""
     tables = sum(t.levels.nbytes + t.codes.nbytes + t.latent.nbytes + t.version.nbytes
                  for t in (learner.users, learner.items))
-    dense = sum(x.untyped_storage().nbytes() for x in (learner.context, learner.aggregate, learner.final_items_t))
+    dense = learner.context.nbytes + learner.aggregate.nbytes + learner.final_items_t.untyped_storage().nbytes()
     return tables, dense
 
 

@@ -9,7 +9,7 @@ from gnaq_stream.errors import CheckpointError, ConfigError
 from gnaq_stream.model.lightgcn import propagate
 from gnaq_stream.quant.packing import LevelRangeError
 from gnaq_stream.quant.quantizer import init_from_embedding
-from gnaq_stream.stream.learner import StreamLearner
+from gnaq_stream.stream.learner import Int8Rows, StreamLearner
 from gnaq_stream.stream.prequential import ITEM_BLOCK, PrequentialEvaluator, item_ranks
 
 CFG = LearnerConfig(dim=8, bits=2, level_dtype="fp32", refine_steps=2, refine_budget_seconds=60.0,
@@ -48,9 +48,21 @@ def test_a_tanh_checkpoint_streams_with_its_tanh(tmp_path, level_dtype, toleranc
     assert error < 0.1 * (without_tanh - ck.layer0()).abs().max()
     learner.refresh_final_embeddings(force=True)
     final = propagate(learner.graph.normalized_adjacency(), ck.layer0(), 2)
-    # users' final rows = the refresh's context, held in float16 (relative error <= 2^-11), + their own share
-    tolerance = max(tolerance, 2**-10)
-    assert (torch.cat([learner.final_users, learner.final_items]) - final).abs().max() <= tolerance * final.abs().max()
+    # users' final rows = the refresh's context, held as int8 rows (error <= 1/254 of a row's largest
+    # value), + their own share
+    context = final - ck.layer0() / 3
+    bound = context.abs().amax(1, keepdim=True) / 254 + tolerance * final.abs().max()
+    assert ((learner.final_users - final[:2]).abs() <= bound[:2] * (1 + 1e-5)).all()
+    assert (learner.final_items - final[2:]).abs().max() <= tolerance * final.abs().max()  # the propagation's own
+
+
+def test_refinement_context_is_held_as_int8_rows_within_their_rounding():
+    rows = torch.tensor([[0.5, -0.25, 0.0], [-3.0, 1.0, 2.9], [0.0, 0.0, 0.0]])
+    held = Int8Rows(rows)
+    assert held.nbytes == 3 * (3 + 4) and held.values.dtype == torch.int8  # a byte a value, a float32 scale a row
+    got = held.rows(torch.tensor([1, 0, 2]))
+    assert ((got - rows[[1, 0, 2]]).abs() <= rows[[1, 0, 2]].abs().amax(1, keepdim=True) / 254 + 1e-7).all()
+    assert got[0, 0] == -3.0 and torch.equal(got[2], torch.zeros(3))  # a row's largest value is exact
 
 
 def test_a_checkpoint_with_item_biases_is_refused_not_streamed_without_them():
