@@ -103,6 +103,7 @@ def learner_stages(records: list, checkpoint: str, batch: int, store: Path) -> d
         pipeline.process(records[s:s + batch])
     total, gc_spent = time.perf_counter() - start, gc_seconds() - gc_before
     untimed_stages()
+    pipeline.close()
     db.close()
     n = len(records) - batch
     spent["graph: add events, new nodes"] -= spent["refinement"]

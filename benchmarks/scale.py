@@ -167,6 +167,7 @@ def main() -> None:
                "snapshot_s": spent["snapshot"] - snap0, "busy_s": busy, "store_bytes": du(store_dir)}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    pipeline.close()
     store.close()
     restart = json.loads(subprocess.run([sys.executable, "-c", RESTART, str(store_dir)], check=True,
                                         capture_output=True, text=True).stdout)
@@ -186,7 +187,7 @@ def report(args, rows: list[dict], restart: dict) -> str:
              "`MicroBatchPipeline.process` with a real store, default learner settings (refinement on). "
              "Bytes per edge = RSS growth since the start / edges.\n",
              "| events | edges | users | items | events/s | RSS MB (peak) | bytes/edge | graph MB | tables MB | "
-             "propagated MB | refresh s (runs) | scoring s (with the propagations it ran) | snapshot s | store MB |",
+             "propagated MB | refresh s (runs) | scoring s (with the propagations it ran) | snapshot s (written in the background) | store MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['events']:,} | {r['edges']:,} | {r['users']:,} | {r['items']:,} | {r['events_per_s']:,.0f} | "

@@ -326,6 +326,7 @@ class StreamConsumer:
         if self.producer is not None:
             self.producer.close(timeout=5)
             self.producer = None
+        self.pipeline.close()
         self.pipeline.store.close()
 
     # ---- assignment and positions ---------------------------------------------------------------

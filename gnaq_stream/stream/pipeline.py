@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -23,7 +24,7 @@ from gnaq_stream.config import ConsumerConfig, LearnerConfig
 from gnaq_stream.data.events import Event, Rejection, parse_event
 from gnaq_stream.metrics import LearnerMetrics
 from gnaq_stream.quant.packing import model_size
-from gnaq_stream.store.embedding_store import EmbeddingStore
+from gnaq_stream.store.embedding_store import EmbeddingStore, StoreError
 from gnaq_stream.stream.consolidation import earned
 from gnaq_stream.stream.learner import BatchResult, StreamLearner
 from gnaq_stream.stream.prequential import KS, PrequentialEvaluator
@@ -62,6 +63,8 @@ class MicroBatchPipeline:
         self.max_message_bytes, self.max_nodes = max_message_bytes, max_nodes
         self.snapshot_min_events = snapshot_min_events
         self.snapshot_events = store.snapshot_meta()["events"]
+        self._snapshot: threading.Thread | None = None  # the snapshot being written, if any
+        self._snapshot_done: tuple[int, StoreError | None] = (self.snapshot_events, None)
         self.refreshes_seen = learner.refreshes
         cfg = learner.cfg
         self.prequential = PrequentialEvaluator(cfg.prequential_window, cfg.prequential_sample, cfg.seed,
@@ -125,16 +128,49 @@ class MicroBatchPipeline:
         """Renew the store's graph snapshot once the log since the last one holds max(snapshot_min_events,
         edges / 4) events: a restart replays at most a quarter of the graph's size in events (replay
         costs more per event than reading the snapshot), and a snapshot's O(edges) cost is spread
-        over at least edges / 4 events."""
+        over at least edges / 4 events. The edges are copied here; a background thread writes them
+        while micro-batches go on (one snapshot at a time)."""
+        if self._snapshot is not None:
+            if self._snapshot.is_alive():
+                return
+            self.wait_snapshot()
         g = self.learner.graph
         if g.n_events - self.snapshot_events < max(self.snapshot_min_events, g.n_edges // 4):
             return
+        self._snapshot = threading.Thread(target=self._write_snapshot, name="graph-snapshot", daemon=True,
+                                          args=(self.learner.version, g.n_events, g.edges()))
+        self._snapshot.start()
+
+    def _write_snapshot(self, version: int, n_events: int, edges: tuple[np.ndarray, ...]) -> None:
         start = time.perf_counter()
-        self.store.write_snapshot(self.learner.version, g.n_events, *g.edges())
-        self.snapshot_events = g.n_events
+        try:
+            self.store.write_snapshot(version, n_events, *edges)
+        except StoreError as exc:  # raised on the loop's thread by wait_snapshot
+            self._snapshot_done = (self.snapshot_events, exc)
+            return
         elapsed = time.perf_counter() - start
         self.metrics.snapshot_seconds.observe(elapsed)
-        log.info("graph snapshot at model version %d: %d edges in %.1fs", self.learner.version, g.n_edges, elapsed)
+        log.info("graph snapshot at model version %d: %d edges in %.1fs", version, len(edges[0]), elapsed)
+        self._snapshot_done = (n_events, None)
+
+    def wait_snapshot(self) -> None:
+        """Wait until the snapshot being written (if any) is in the store; its StoreError if it failed
+        (the previous snapshot and the log then still hold the graph)."""
+        if self._snapshot is None:
+            return
+        self._snapshot.join()
+        self._snapshot = None
+        self.snapshot_events, error = self._snapshot_done
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Finish the snapshot in flight (before the store closes); a failed one is logged: nothing is
+        lost, the next start reads the previous snapshot and the log."""
+        try:
+            self.wait_snapshot()
+        except StoreError as exc:
+            log.error("graph snapshot failed at stop: %s", exc)
 
     def _refuse_beyond_node_limit(self, parsed: list) -> None:
         """Events that would grow a node kind past `max_nodes` become `node_limit` rejections."""

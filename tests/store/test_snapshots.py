@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from gnaq_stream.config import LearnerConfig
+from gnaq_stream.store import embedding_store
 from gnaq_stream.store.embedding_store import EmbeddingStore, _scan
 from gnaq_stream.stream.learner import StreamLearner
 from gnaq_stream.stream.pipeline import MicroBatchPipeline
@@ -48,12 +50,14 @@ def test_snapshot_and_log_restart_reproduce_the_exact_state(tmp_path):
         snapshots = []
         for start in range(0, 3000, 250):
             pipe.process(_records(events[start:start + 250], start))
+            pipe.wait_snapshot()  # written in the background: wait to look at the store
             snapshots.append(store.snapshot_meta()["version"])
             # the log holds only what came after the snapshot: never more than max(500, edges / 4) events
             assert _log_events(store) == learner.graph.n_events - store.snapshot_meta()["events"]
             assert _log_events(store) < max(500, learner.graph.n_edges // 4) + 250
         assert len(set(snapshots)) >= 3  # renewed several times on the way
         pipe.process(_records(events[3000:], 3000))  # the restart below reads a snapshot and a log
+        pipe.close()
         assert 0 < _log_events(store) < learner.graph.n_events
     with EmbeddingStore(tmp_path / "s") as store:
         back = StreamLearner.from_state(store.load(CFG))
@@ -69,8 +73,52 @@ def test_snapshot_and_log_restart_reproduce_the_exact_state(tmp_path):
     assert torch.equal(back.graph.normalized_adjacency().to_dense(), learner.graph.normalized_adjacency().to_dense())
 
 
-# streams the events from where the store stopped and snapshots after every batch (tiny chunks, each
-# written slowly, so a snapshot takes a while), saying "snapshot" on stdout as each one starts
+class _GatedPuts:
+    """The store's database with single puts (only snapshot chunks are) held until a gate opens."""
+
+    def __init__(self, db, gate: threading.Event):
+        self.db, self.gate = db, gate
+
+    def put(self, key, value):
+        self.gate.wait(30)
+        self.db.put(key, value)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+def test_micro_batches_go_on_while_a_snapshot_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(embedding_store, "SNAPSHOT_CHUNK_EDGES", 8)
+    events, gate = _events(2000, seed=2), threading.Event()
+    with EmbeddingStore(tmp_path / "s") as store:
+        learner = StreamLearner(CFG)
+        store.write(learner.initial_changes())
+        store.db = _GatedPuts(store.db, gate)
+        pipe = MicroBatchPipeline(learner, store, snapshot_min_events=500)
+        at = 0
+        while not any(t.name == "graph-snapshot" for t in threading.enumerate()):
+            pipe.process(_records(events[at:at + 100], at))
+            at += 100
+        started = learner.version  # the snapshot holds the graph as of this batch
+        assert store.snapshot_meta()["version"] == -1
+        for _ in range(5):  # the snapshot is held at its first chunk; batches are applied and stored
+            pipe.process(_records(events[at:at + 100], at))
+            at += 100
+        assert store.state_meta()["n_events"] == at and store.snapshot_meta()["version"] == -1
+        gate.set()
+        pipe.wait_snapshot()
+        assert store.snapshot_meta()["version"] == started
+        assert _log_events(store) == at - store.snapshot_meta()["events"]  # the log: what came after it
+        pipe.close()
+        store.db = store.db.db
+    with EmbeddingStore(tmp_path / "s") as store:
+        back = StreamLearner.from_state(store.load(CFG))
+    assert back.graph.event_counts() == dict(Counter(events[:at])) == learner.graph.event_counts()
+
+
+# streams the events from where the store stopped, the pipeline renewing its snapshot in the
+# background every few batches (tiny chunks, each written slowly, so a snapshot takes a while), and
+# says "snapshot" on stdout as each one starts
 _WORKER = textwrap.dedent("""
     import json, sys, time
     from types import SimpleNamespace
@@ -99,15 +147,19 @@ _WORKER = textwrap.dedent("""
             return getattr(self.db, name)
     if sys.argv[3] == "slow":
         store.db = SlowPuts(store.db)
-    pipe = MicroBatchPipeline(learner, store)
+    write_snapshot = store.write_snapshot
+    def announced(*args):
+        print("snapshot", flush=True)
+        write_snapshot(*args)
+    store.write_snapshot = announced
+    pipe = MicroBatchPipeline(learner, store, snapshot_min_events=40)
     start = store.offsets().get(("t", 0), 0)
     for at in range(start, len(events), 40):
         pipe.process([SimpleNamespace(topic="t", partition=0, offset=at + k, timestamp=0, key=None,
                                       value=json.dumps({"user": u, "item": i, "ts": 1}).encode())
                       for k, (u, i) in enumerate(events[at:at + 40])])
-        print("snapshot", flush=True)
-        g = learner.graph
-        store.write_snapshot(learner.version, g.n_events, *g.edges())
+        time.sleep(0.01)
+    pipe.close()
     print("done", flush=True)
 """)
 
@@ -125,8 +177,8 @@ def test_kill_9_during_a_snapshot_loses_and_repeats_nothing(tmp_path):
         seen = 0
         for line in proc.stdout:
             seen += line.startswith("snapshot")
-            if attempt < 5 and seen == 2 + attempt % 3:  # kill as a later snapshot writes its chunks
-                time.sleep(0.05 * (1 + attempt % 3))
+            if attempt < 5 and seen == 1:  # kill as a snapshot writes its chunks (~0.1-0.2 s) beside batches
+                time.sleep(0.02 * (1 + attempt))
                 proc.send_signal(signal.SIGKILL)
                 break
         assert proc.wait() == (-signal.SIGKILL if attempt < 5 else 0)
