@@ -24,7 +24,7 @@ from gnaq_stream.config import ConsumerConfig, LearnerConfig
 from gnaq_stream.data.events import Event, Rejection, parse_event
 from gnaq_stream.metrics import LearnerMetrics
 from gnaq_stream.quant.packing import model_size
-from gnaq_stream.store.embedding_store import EmbeddingStore, StoreError
+from gnaq_stream.store.embedding_store import EmbeddingStore
 from gnaq_stream.stream.consolidation import earned
 from gnaq_stream.stream.learner import BatchResult, StreamLearner
 from gnaq_stream.stream.prequential import KS, PrequentialEvaluator
@@ -64,7 +64,7 @@ class MicroBatchPipeline:
         self.snapshot_min_events = snapshot_min_events
         self.snapshot_events = store.snapshot_meta()["events"]
         self._snapshot: threading.Thread | None = None  # the snapshot being written, if any
-        self._snapshot_done: tuple[int, StoreError | None] = (self.snapshot_events, None)
+        self._snapshot_done: tuple[int, Exception | None] = (self.snapshot_events, None)  # set by its thread
         self.refreshes_seen = learner.refreshes
         cfg = learner.cfg
         self.prequential = PrequentialEvaluator(cfg.prequential_window, cfg.prequential_sample, cfg.seed,
@@ -137,15 +137,16 @@ class MicroBatchPipeline:
         g = self.learner.graph
         if g.n_events - self.snapshot_events < max(self.snapshot_min_events, g.n_edges // 4):
             return
+        edges = tuple(column.astype(np.uint32) for column in g.edges())  # the store's width: 12 bytes an edge
         self._snapshot = threading.Thread(target=self._write_snapshot, name="graph-snapshot", daemon=True,
-                                          args=(self.learner.version, g.n_events, g.edges()))
+                                          args=(self.learner.version, g.n_events, edges))
         self._snapshot.start()
 
     def _write_snapshot(self, version: int, n_events: int, edges: tuple[np.ndarray, ...]) -> None:
         start = time.perf_counter()
         try:
             self.store.write_snapshot(version, n_events, *edges)
-        except StoreError as exc:  # raised on the loop's thread by wait_snapshot
+        except Exception as exc:  # raised on the loop's thread by wait_snapshot
             self._snapshot_done = (self.snapshot_events, exc)
             return
         elapsed = time.perf_counter() - start
@@ -154,8 +155,8 @@ class MicroBatchPipeline:
         self._snapshot_done = (n_events, None)
 
     def wait_snapshot(self) -> None:
-        """Wait until the snapshot being written (if any) is in the store; its StoreError if it failed
-        (the previous snapshot and the log then still hold the graph)."""
+        """Wait until the snapshot being written (if any) is in the store; its error (a StoreError) if it
+        failed (the previous snapshot and the log then still hold the graph)."""
         if self._snapshot is None:
             return
         self._snapshot.join()
@@ -169,7 +170,7 @@ class MicroBatchPipeline:
         lost, the next start reads the previous snapshot and the log."""
         try:
             self.wait_snapshot()
-        except StoreError as exc:
+        except Exception as exc:
             log.error("graph snapshot failed at stop: %s", exc)
 
     def _refuse_beyond_node_limit(self, parsed: list) -> None:
