@@ -84,7 +84,8 @@ class LearnerConfig:
     bits: int = 2
     level_dtype: str = "fp8"
     n_layers: int = 3
-    refine_steps: int = 1
+    # off: on the ml-1m replay refinement never ranked better than none (docs/architecture.md)
+    refine_steps: int = 0
     refine_max_events: int = 1000
     refine_lr: float = 5e-3
     refine_budget_seconds: float = 0.5
@@ -97,7 +98,7 @@ class LearnerConfig:
     # idle-time full-graph training earned per applied event, in training pairs: a budget in work, so
     # that how much the learner learns does not depend on how fast the rest of its path is
     # (docs/architecture.md)
-    consolidate_pairs_per_event: float = 4.0
+    consolidate_pairs_per_event: float = 8.0
     consolidate_max_epochs: float = 1.0  # the budget never exceeds this many passes over the graph's edges
     consolidate_lr: float = 0.01  # 0.05 cost gowalla-ts 2.4 points of Recall@20 (docs/architecture.md)
     consolidate_batch: int = 32768
