@@ -1,7 +1,7 @@
 """The streaming learner: applies micro-batches of events to the graph and the quantized model.
 
 `apply_micro_batch` = add edges -> initialise new nodes from their neighbourhood -> a short RAU
-refinement pass on the touched nodes. It uses the offline model's pieces unchanged: the same
+refinement pass on the touched nodes (with `refine_steps` > 0; off by default, docs/architecture.md). It uses the offline model's pieces unchanged: the same
 propagation, losses, quantizer initialisation and RAU code rule.
 
 Refinement scores the batch with the full graph's propagation as context: at each refresh (every
