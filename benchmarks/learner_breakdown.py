@@ -87,7 +87,7 @@ def untimed_stages() -> None:
 def learner_stages(records: list, checkpoint: str, batch: int, store: Path) -> dict[str, float]:
     """Microseconds per event of each stage, feeding `records` to a fresh pipeline (as the consumer does)."""
     db = EmbeddingStore(store)
-    learner = StreamLearner.from_checkpoint(load_checkpoint(checkpoint), LearnerConfig())
+    learner = StreamLearner.from_checkpoint(load_checkpoint(checkpoint), LearnerConfig(refine_steps=1))  # every stage timed
     db.write(learner.initial_changes())
     gc.freeze()  # as the consumer does once its model is loaded
     pipeline = MicroBatchPipeline(learner, db)

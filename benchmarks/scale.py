@@ -7,7 +7,7 @@ while new users keep arriving; a user's number of events is lognormal (sigma `--
 `--events` in total, spread uniformly over its active span; each event's item is drawn from a Zipf
 law (exponent `--zipf`) over `--items` items, popular items scattered over the id space. Events are produced window by window (no stream held in memory)
 as JSON records, and fed to `MicroBatchPipeline.process` in micro-batches of 5,000 with the default
-learner settings (refinement on, prequential scoring on, no consolidation, no publication). Only
+learner settings with refinement on (`refine_steps` 1; off by default), prequential scoring on, no consolidation, no publication). Only
 `process` is timed.
 
 Per window: events/s, edges, RSS (current and peak), bytes per edge (RSS growth since the start /
@@ -128,7 +128,7 @@ def main() -> None:
     store_dir = Path(args.store or tempfile.mkdtemp(prefix="gnaq-scale-")) / "store"
     stream = PowerLawStream(args.events, args.users, args.items, args.active, args.sigma, args.zipf, args.seed)
     store = EmbeddingStore(store_dir)
-    learner = StreamLearner(LearnerConfig())
+    learner = StreamLearner(LearnerConfig(refine_steps=1))  # the condition: refinement on
     store.write(learner.initial_changes())
     pipeline = MicroBatchPipeline(learner, store, max_nodes=0)
     spent = {"score": 0.0, "snapshot": 0.0}
@@ -184,7 +184,7 @@ def report(args, rows: list[dict], restart: dict) -> str:
              f"{args.events:,} synthetic events ({args.users:,} users arriving over the stream, each active for "
              f"{args.active:.0%} of it, lognormal activity sigma {args.sigma}; Zipf({args.zipf}) over "
              f"{args.items:,} items; seed {args.seed}) through "
-             "`MicroBatchPipeline.process` with a real store, default learner settings (refinement on). "
+             "`MicroBatchPipeline.process` with a real store, default learner settings with refinement on (`refine_steps` 1). "
              "Bytes per edge = RSS growth since the start / edges.\n",
              "| events | edges | users | items | events/s | RSS MB (peak) | bytes/edge | graph MB | tables MB | "
              "propagated MB | refresh s (runs) | scoring s (with the propagations it ran) | snapshot s (written in the background) | store MB |",

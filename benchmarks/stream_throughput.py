@@ -139,7 +139,7 @@ def start_learner(work: Path, bootstrap: str, group: str, checkpoint: str | None
     launcher = ["gnaq-stream"] if gc_freeze else [sys.executable, "-c", _NO_GC_FREEZE]
     cmd = [*launcher, "consume", "--bootstrap-servers", bootstrap, "--topic", "events", "--group", group,
            "--store", str(work / f"store-{group}"), "--metrics-port", str(port), "--session-timeout-ms", "6000",
-           "--heartbeat-interval-ms", "2000", *consume_args.split()]
+           "--heartbeat-interval-ms", "2000", "--refine-steps", "1", *consume_args.split()]  # refinement on, as measured before
     if checkpoint:
         cmd += ["--checkpoint", checkpoint]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(work / f"learner-{group}.log", "wb")), port
