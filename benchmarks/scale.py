@@ -7,7 +7,7 @@ while new users keep arriving; a user's number of events is lognormal (sigma `--
 `--events` in total, spread uniformly over its active span; each event's item is drawn from a Zipf
 law (exponent `--zipf`) over `--items` items, popular items scattered over the id space. Events are produced window by window (no stream held in memory)
 as JSON records, and fed to `MicroBatchPipeline.process` in micro-batches of 5,000 with the default
-learner settings with refinement on (`refine_steps` 1; off by default), prequential scoring on, no consolidation, no publication). Only
+learner settings with refinement on (`refine_steps` 1; off by default), prequential scoring on, no consolidation, no publication. Only
 `process` is timed.
 
 Per window: events/s, edges, RSS (current and peak), bytes per edge (RSS growth since the start /
