@@ -55,12 +55,12 @@ def render(r: dict, images: str, ran_on: str, variant: str) -> str:
     ratio, cost = s["stream_retrain_recall_ratio"], s["retrain_stream_cost_ratio"]
     later = list(range(2, len(r["blocks"]) + 1))
     lines += ["", "| target | measured | met |", "|---|---|---|",
-              f"| stream average Recall@20 >= 95% of retrain's | {ratio:.1%} "
-              f"({s['avg_recall@20']['stream']:.4f} vs {s['avg_recall@20']['retrain']:.4f}) | {ratio >= 0.95} |",
+              f"| stream average Recall@20 >= 100% of retrain's (issue 14; 95% before) | {ratio:.1%} "
+              f"({s['avg_recall@20']['stream']:.4f} vs {s['avg_recall@20']['retrain']:.4f}) | {ratio >= 1.0} |",
               f"| stream update compute <= 5% of retrain's | {1 / cost:.1%} ({s['update_seconds']['stream']:.1f} s "
               f"vs {s['update_seconds']['retrain']:.1f} s) | {1 / cost <= 0.05} |",
               f"| stream beats static on every block after the first | blocks {s['stream_beats_static']} | "
-              f"{s['stream_beats_static'] == later} |",
+              f"{set(later) <= set(s['stream_beats_static'])} |",
               f"| whole replay | {t['total_seconds'] / 60:.1f} min (base training {t['base_train_seconds']:.0f} s, "
               f"retraining {t['retrain_seconds']:.0f} s, streaming {t['stream_seconds']:.0f} s, evaluation "
               f"{t['evaluate_seconds']:.0f} s) | |", "",
