@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -43,3 +44,12 @@ def write_section(name: str, body: str) -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
+
+
+def mean_std(values: list[float], fmt: str = ".4f") -> str:
+    """"mean ± sample std" of seeded runs (the value alone for one run, "–" if any was not measured)."""
+    if any(v != v for v in values):  # NaN: not measured (a run without a validation split)
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"

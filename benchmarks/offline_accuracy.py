@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_section  # noqa: E402
+from _report import mean_std, write_section  # noqa: E402
 
 # dataset -> (fp epoch budget, continuation epoch budget); both early-stopped on validation
 BUDGETS = {"ml-1m": (150, 30), "gowalla": (270, 12), "yelp2018": (250, 12), "amazon-book": (400, 12)}
@@ -73,14 +73,6 @@ def train(dataset: str, method: str, bits: int, epochs: int, seed: int, out: Pat
     return result
 
 
-def _mean_std(values: list[float], fmt: str = ".4f") -> str:
-    if any(v != v for v in values):  # NaN: not measured (a run without a validation split)
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:{fmt}}"
-    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
-
-
 def table(results: list[dict]) -> str:
     """One line per (dataset, label, bits): mean ± sample std over its seeds."""
     lines = ["| dataset | method | bits | seeds | valid R@20 | R@10 | R@20 | NDCG@10 | NDCG@20 | R@20 / fp-continued "
@@ -93,13 +85,13 @@ def table(results: list[dict]) -> str:
     reference = {d: statistics.mean(x["recall@20"] for x in rs)
                  for (d, label, _), rs in groups.items() if label == "fp-continued"}
     for (dataset, label, bits), rs in groups.items():
-        cells = [_mean_std([r.get(m, float("nan")) for r in rs]) for m in METRICS]
-        ratio = _mean_std([r["recall@20"] / reference[dataset] * 100 for r in rs], ".1f") + "%" \
+        cells = [mean_std([r.get(m, float("nan")) for r in rs]) for m in METRICS]
+        ratio = mean_std([r["recall@20"] / reference[dataset] * 100 for r in rs], ".1f") + "%" \
             if dataset in reference else "–"
         epochs = ", ".join(f"{r['epochs_run']} ({r['best_epoch']})" for r in rs)
         lines.append(f"| {dataset} | {label} | {bits if bits is not None else 32} | {len(rs)} | {' | '.join(cells)} "
                      f"| {ratio} | {rs[0]['bytes_model']:,} | {rs[0]['compression']:.1f}x "
-                     f"| {_mean_std([r['cpu_minutes'] for r in rs], '.1f')} | {epochs} |")
+                     f"| {mean_std([r['cpu_minutes'] for r in rs], '.1f')} | {epochs} |")
     return "\n".join(lines)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_section  # noqa: E402
+from _report import mean_std, write_section  # noqa: E402
 
 from gnaq_stream.checkpoint import load_checkpoint  # noqa: E402
 from gnaq_stream.config import ConsumerConfig, LearnerConfig  # noqa: E402
@@ -83,12 +82,6 @@ def run_variant(replay, base, overrides: dict, first_scored: int, batch: int) ->
             "consolidate_seconds": consolidate_seconds}
 
 
-def _mean_std(values: list[float], fmt: str) -> str:
-    if len(values) == 1:
-        return f"{values[0]:{fmt}}"
-    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--replay", required=True, help="folder of a finished `simulator replay` (report.json, base/)")
@@ -128,9 +121,9 @@ def main() -> None:
         lines.append(f"| replay's {name} | " + " | ".join(f"{v:.4f}" for v in values) + " | | | | |")
     retrain_mean = np.mean([reference[b]["retrain"]["recall@20"] for b in scored])
     for r in results:
-        cells = [_mean_std([run["recall"][b] for run in r["runs"]], ".4f") for b in scored]
-        share = _mean_std([np.mean([run["recall"][b] for b in scored]) / retrain_mean * 100 for run in r["runs"]], ".1f")
-        seconds = " | ".join(_mean_std([run[k] for run in r["runs"]], ".1f")
+        cells = [mean_std([run["recall"][b] for run in r["runs"]], ".4f") for b in scored]
+        share = mean_std([np.mean([run["recall"][b] for b in scored]) / retrain_mean * 100 for run in r["runs"]], ".1f")
+        seconds = " | ".join(mean_std([run[k] for run in r["runs"]], ".1f")
                              for k in ("stream_seconds", "refine_seconds", "consolidate_seconds"))
         lines.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {share}% | {seconds} |")
     seeds = f"mean ± std over learner seeds {args.seeds}" if len(args.seeds) > 1 else f"learner seed {args.seeds[0]}"
