@@ -4,11 +4,16 @@
    replica (`gnaq-stream serve`), all on this machine.
 2. Backlog: the dataset's train split (seeded order) is produced and learned, and the replica
    catches up (its /healthz turns ready).
-3. Steady phase: the test split is produced at `--rate` events/s for `--seconds`; meanwhile, every
-   `--probe-every` seconds, one probe event is produced, alternately
+3. Steady phase: the test split is produced at `--rate` events/s for `--seconds`; meanwhile two
+   probe threads each produce one probe event every `--probe-every` seconds (or once the last is
+   answered):
    - for a brand-new user: latency = produce -> the replica answers that user (200, not 404);
    - for an existing user, on the item the replica recommends them first: latency = produce -> that
-     item is no longer recommended (the user's history, published with the batch, excludes it).
+     item is no longer recommended (the user's history, published with the batch, excludes it), and
+     produce -> the replica holds a complete publication of a propagation run after the event (its
+     `model_version` exceeds the learner's version read just before the event was produced: every
+     serving row the event changed is then served; a propagation between that read and the event's
+     batch would pass too early, so this can under-read by one micro-batch).
    Probes poll the replica every 10 ms, so latencies have that resolution.
 
     python benchmarks/freshness.py --dataset ml-1m --rate 20000 --seconds 60
@@ -67,26 +72,35 @@ def wait(pred, timeout: float, what: str):
     raise SystemExit(f"timed out waiting for {what}")
 
 
-def probe(bootstrap: str, url: str, known_users: list[int], new_user_item: int, every: float,
-          stop: threading.Event, out: dict[str, list[float]]) -> None:
-    """Alternately a new user's first event (answered: 200, not 404) and an existing user's event on
-    their current top-1 item (reflected: the item, now in their history, is no longer recommended)."""
+def probe(new: bool, bootstrap: str, url: str, metrics_port: int, known_users: list[int], new_user_item: int,
+          every: float, stop: threading.Event, out: dict[str, list[float]]) -> None:
+    """Every `every` seconds a probe event: a new user's first event (answered: 200, not 404), or an
+    existing user's event on their current top-1 item (reflected: the item, now in their history, is
+    no longer recommended; and the rows: the replica's model version is past the learner's version
+    before the event)."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=1)
     k = 0
     while not stop.is_set():
-        new = k % 2 == 0
         user = f"probe-{k}" if new else str(known_users[k % len(known_users)])
         item = new_user_item if new else get(f"{url}/recommend/{user}?k=1")[1]["items"][0]["item"]
         value = json.dumps({"user": user, "item": item, "ts": int(time.time())}).encode()
+        before = sample(scrape(metrics_port), "gnaq_model_version")
         start = time.perf_counter()
         producer.send("events", value).get(10)
-        while True:
+        waiting = {"new"} if new else {"existing", "row"}
+        while waiting:
             status, body = get(f"{url}/recommend/{user}?k=1")
-            if status == 200 and (new or body["items"][0]["item"] != item):
-                out["new" if new else "existing"].append(time.perf_counter() - start)
-                break
-            if time.perf_counter() - start > 60:
-                out["timeouts"].append(60.0)
+            done = set()
+            if status == 200 and new:
+                done.add("new")
+            elif status == 200:
+                done |= {"existing"} if body["items"][0]["item"] != item else set()
+                done |= {"row"} if body["model_version"] > before else set()
+            for kind in done & waiting:
+                out[kind].append(time.perf_counter() - start)
+            waiting -= done
+            if waiting and time.perf_counter() - start > 60:
+                out["timeouts"] += [60.0] * len(waiting)
                 break
             time.sleep(0.01)
         k += 1
@@ -101,6 +115,7 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=20000.0)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--probe-every", type=float, default=0.5)
+    p.add_argument("--refresh-seconds", type=float, help="the learner's --refresh-seconds (default: its own)")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="gnaq-fresh-"))
@@ -118,7 +133,8 @@ def main() -> None:
         learner = subprocess.Popen(
             ["gnaq-stream", "consume", "--bootstrap-servers", bootstrap, "--topic", "events", "--group", "fresh",
              "--store", str(work / "store"), "--updates-topic", "updates", "--metrics-port", str(metrics_port),
-             "--session-timeout-ms", "6000", "--heartbeat-interval-ms", "2000"],
+             "--session-timeout-ms", "6000", "--heartbeat-interval-ms", "2000",
+             *(["--refresh-seconds", str(args.refresh_seconds)] if args.refresh_seconds else [])],
             stdout=subprocess.DEVNULL, stderr=open(work / "learner.log", "wb"))
         replica = subprocess.Popen(
             ["gnaq-stream", "serve", "--bootstrap-servers", bootstrap, "--updates-topic", "updates", "--store",
@@ -129,20 +145,24 @@ def main() -> None:
         wait(lambda: sample(scrape(metrics_port), "gnaq_events_applied_total") >= len(backlog), 600, "the backlog")
         wait(lambda: get(f"{url}/healthz")[0] == 200, 600, "the replica ready")
         known_users = [int(u) for u in np.unique(d.train.users)[:200]]
-        out: dict[str, list[float]] = {"new": [], "existing": [], "timeouts": []}
+        out: dict[str, list[float]] = {"new": [], "existing": [], "row": [], "timeouts": []}
         stop = threading.Event()
-        prober = threading.Thread(target=probe, args=(bootstrap, url, known_users, int(d.train.items[0]),
-                                                      args.probe_every, stop, out))
+        probers = [threading.Thread(target=probe, args=(new, bootstrap, url, metrics_port, known_users,
+                                                         int(d.train.items[0]), args.probe_every, stop, out))
+                   for new in (True, False)]
         applied0 = sample(scrape(metrics_port), "gnaq_events_applied_total")
-        prober.start()
+        for prober in probers:
+            prober.start()
         produce_s = produce(bootstrap, "events", steady, rate=args.rate)
         stop.set()
-        prober.join()
+        for prober in probers:
+            prober.join()
         applied = sample(scrape(metrics_port), "gnaq_events_applied_total") - applied0
         result = {"dataset": args.dataset, "rate_target": args.rate, "rate_produced": len(steady) / produce_s,
                   "seconds": produce_s, "learner_applied": applied, "probes_new": len(out["new"]),
-                  "probes_existing": len(out["existing"]), "timeouts": len(out["timeouts"])}
-        for kind in ("new", "existing"):
+                  "probes_existing": len(out["existing"]), "probes_row": len(out["row"]),
+                  "timeouts": len(out["timeouts"]), "refresh_seconds": args.refresh_seconds}
+        for kind in ("new", "existing", "row"):
             if out[kind]:
                 result[f"{kind}_p50"], result[f"{kind}_p99"] = (float(np.percentile(out[kind], q)) for q in (50, 99))
         print(json.dumps(result), flush=True)
@@ -178,6 +198,7 @@ learned as a backlog, its test split is produced at {r['rate_target']:,.0f} even
 |---|---|---|
 | a new user's first event -> the replica answers that user (not 404) | {row('new')} | p99 <= 2 s |
 | an existing user's event on their top-1 item -> the item is no longer recommended | {row('existing')} | p99 <= 2 s |
+| the same event -> the replica serves a propagation run after it (`model_version`) | {row('row')} | p99 <= 2 s |
 | probes not answered within 60 s | {r['timeouts']} | 0 |
 """
 

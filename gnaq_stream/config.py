@@ -112,8 +112,9 @@ class LearnerConfig:
     # items are scored for 1.1% of events instead of 2%). At 500k items and 2000 it took ~30% of
     # the learner's time (benchmarks/scale.py)
     prequential_max_scores: int = 1000
-    refresh_seconds: float = 10.0
-    refresh_max_share: float = 0.25  # of wall time: a slower propagation runs less often than refresh_seconds
+    # existing users' served rows follow their events within about this (docs/benchmarks.md, "Freshness")
+    refresh_seconds: float = 1.0
+    refresh_max_share: float = 0.25  # of wall time: a slower propagation (+ publication) runs less often
     serve_bits: int = 0  # bits of the published serving rows; 0 = the model's bits
     seed: int = 2025
 
@@ -144,8 +145,8 @@ class LearnerConfig:
         "prequential_max_scores": "item scores per event at most, on average: on a larger catalogue fewer events "
                                   "are scored (0 = no bound)",
         "refresh_seconds": "full-graph propagation (and serving-row publication) at most this often",
-        "refresh_max_share": "share of wall time the full-graph propagation may take: a propagation taking t "
-                             "seconds waits at least t / share before the next",
+        "refresh_max_share": "share of wall time the full-graph propagation and the publication of its rows may "
+                             "take: if they took t seconds, the next propagation waits at least t / share",
         "serve_bits": "bits of the published serving rows (0 = the model's bits)",
         "seed": "random seed of sampling and initialisation",
     }

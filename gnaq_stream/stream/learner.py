@@ -91,6 +91,7 @@ class StreamLearner:
         self.context_users = 0
         self.refreshed_at = float("-inf")
         self.refresh_cost = 0.0  # seconds the last full propagation took
+        self.publish_cost = 0.0  # seconds sending the last propagation's serving rows took (set by the publisher)
         self.refreshes = 0
         self.final_version = -1  # the model version the final embeddings were propagated at
         self.consolidator: Consolidator | None = None
@@ -163,10 +164,11 @@ class StreamLearner:
     @torch.no_grad()
     def refresh_final_embeddings(self, force: bool = False) -> None:
         """Full LightGCN propagation of the whole graph, at most every `refresh_seconds`, and less
-        often when it is slow: it takes at most `refresh_max_share` of the wall time, so its cost per
-        event stays bounded as the graph grows (the context it leaves ages instead)."""
+        often when it is slow: it and the publication of its rows take at most `refresh_max_share` of
+        the wall time, so their cost per event stays bounded as the graph grows (the context and the
+        served rows age instead)."""
         now = time.monotonic()
-        period = max(self.cfg.refresh_seconds, self.refresh_cost / self.cfg.refresh_max_share)
+        period = max(self.cfg.refresh_seconds, (self.refresh_cost + self.publish_cost) / self.cfg.refresh_max_share)
         if not force and now - self.refreshed_at < period:
             return
         layer0 = torch.cat([self.users.embeddings(), self.items.embeddings()])

@@ -248,11 +248,16 @@ class MicroBatchPipeline:
         learner = self.learner
         learner.refresh_final_embeddings(force=refresh and learner.final_version != learner.version)
         users = np.arange(learner.graph.n_users) if everyone else self.pending_users
+        published, start = self.updates.published_version, time.perf_counter()
         try:
             sent = self.updates.publish(learner, users, (self.new_users, self.new_items))
         except Exception:
             self.metrics.publish_failures.labels("updates").inc()
             raise
+        if self.updates.published_version != published:
+            # sending a propagation's changed rows is part of its cost: on a large graph it exceeds the
+            # propagation itself, and the refresh period backs off from both (`refresh_max_share`)
+            learner.publish_cost = time.perf_counter() - start
         self.pending_users = self.new_users = self.new_items = np.zeros(0, dtype=np.int64)
         self.metrics.rows_published.inc(sent)
         self.update_model_metrics()

@@ -2,6 +2,7 @@
 leave model, store and offsets untouched, and the sole-owner group assignment."""
 
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,7 @@ from gnaq_stream.store.embedding_store import EmbeddingStore, StoreError
 from gnaq_stream.stream.consumer import SoleOwnerAssignor
 from gnaq_stream.stream.learner import StreamLearner
 from gnaq_stream.stream.pipeline import DLQ_MAX_VALUE_BYTES, MicroBatchPipeline
+from gnaq_stream.stream.updates import UpdatesPublisher
 
 CFG = LearnerConfig(dim=8, bits=2, refine_steps=1, prequential_sample=0.0)
 
@@ -169,3 +171,38 @@ def test_offsets_deleted_before_they_were_read_are_an_error_and_a_count_not_a_si
     assert Consumer.seeks == [(tp, 100)]
     assert consumer.metrics.registry.get_sample_value("gnaq_events_skipped_total", {"partition": "0"}) == 60
     assert "offset 40 is out of range (log starts at 100)" in caplog.text and "60 offsets never read" in caplog.text
+
+
+class SlowProducer(RecordingProducer):
+    """Every send takes `seconds` (the wall time a large publication costs)."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def send(self, topic, key=None, value=None, headers=None):
+        time.sleep(self.seconds)
+        return super().send(topic, key, value, headers)
+
+
+def test_the_refresh_period_backs_off_from_the_time_its_publication_takes(tmp_path):
+    cfg = LearnerConfig(dim=8, bits=2, refine_steps=0, prequential_sample=0.0, refresh_seconds=0.0,
+                        refresh_max_share=0.5)
+    store = EmbeddingStore(tmp_path / "store")
+    learner = StreamLearner(cfg)
+    store.write(learner.initial_changes())
+    pipe = MicroBatchPipeline(learner, store)
+    producer = SlowProducer(0.0)
+    pipe.connect(producer, "t-dlq", UpdatesPublisher(producer, "updates", 2))
+    pipe.process([record(k, event(f"u{k}", f"i{k % 3}")) for k in range(6)])
+    producer.seconds = 0.05  # 17 records (rows, histories, meta): the publication takes > 0.8 s
+    pipe.publish()
+    assert learner.refreshes == 1 and learner.publish_cost > 0.8
+    producer.seconds = 0.0
+    pipe.process([record(6, event("u0", "i1"))])
+    pipe.publish()  # within (propagation + publication) / share (> 1.6 s) of the last propagation: none
+    assert learner.refreshes == 1 and learner.publish_cost > 0.8  # a history alone is not a propagation's cost
+    learner.refreshed_at -= 2 * (learner.refresh_cost + learner.publish_cost) + 0.1
+    pipe.publish()  # past it
+    assert learner.refreshes == 2 and learner.publish_cost < 0.5
+    store.close()
