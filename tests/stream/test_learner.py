@@ -63,6 +63,11 @@ def test_refinement_context_is_held_as_int8_rows_within_their_rounding():
     got = held.rows(torch.tensor([1, 0, 2]))
     assert ((got - rows[[1, 0, 2]]).abs() <= rows[[1, 0, 2]].abs().amax(1, keepdim=True) / 254 + 1e-7).all()
     assert got[0, 0] == -3.0 and torch.equal(got[2], torch.zeros(3))  # a row's largest value is exact
+    # quantised chunk by chunk: rows past the first chunk get their own scale the same way
+    many = torch.randn(2 * Int8Rows.CHUNK + 5, 3, generator=torch.Generator().manual_seed(0))
+    held = Int8Rows(many)
+    assert torch.equal(held.scale, many.abs().amax(1) / 127)
+    assert ((held.rows(torch.arange(len(many))) - many).abs() <= held.scale[:, None] / 2 + 1e-6).all()
 
 
 def test_a_checkpoint_with_item_biases_is_refused_not_streamed_without_them():
