@@ -84,7 +84,7 @@ def probe(new: bool, bootstrap: str, url: str, metrics_port: int, known_users: l
         user = f"probe-{k}" if new else str(known_users[k % len(known_users)])
         item = new_user_item if new else get(f"{url}/recommend/{user}?k=1")[1]["items"][0]["item"]
         value = json.dumps({"user": user, "item": item, "ts": int(time.time())}).encode()
-        before = sample(scrape(metrics_port), "gnaq_model_version")
+        before = None if new else sample(scrape(metrics_port), "gnaq_model_version")
         start = time.perf_counter()
         producer.send("events", value).get(10)
         waiting = {"new"} if new else {"existing", "row"}

@@ -1,8 +1,9 @@
 """The streaming learner: applies micro-batches of events to the graph and the quantized model.
 
 `apply_micro_batch` = add edges -> initialise new nodes from their neighbourhood -> a short RAU
-refinement pass on the touched nodes (with `refine_steps` > 0; off by default, docs/architecture.md). It uses the offline model's pieces unchanged: the same
-propagation, losses, quantizer initialisation and RAU code rule.
+refinement pass on the touched nodes (with `refine_steps` > 0; off by default, docs/architecture.md).
+It uses the offline model's pieces unchanged: the same propagation, losses, quantizer
+initialisation and RAU code rule.
 
 Refinement scores the batch with the full graph's propagation as context: at each refresh (every
 `refresh_seconds` at most) the learner keeps, per node, its final embedding minus its own layer-0
@@ -52,10 +53,9 @@ class Int8Rows:
         self.scale = torch.empty(len(x))
         self.values = torch.empty(x.shape, dtype=torch.int8)
         for start in range(0, len(x), self.CHUNK):
-            rows = x[start:start + self.CHUNK]
-            scale = rows.abs().amax(1) / 127
-            self.scale[start:start + self.CHUNK] = scale
-            self.values[start:start + self.CHUNK] = torch.round(rows / scale.clamp_min(1e-30)[:, None]).to(torch.int8)
+            part = slice(start, start + self.CHUNK)
+            self.scale[part] = x[part].abs().amax(1) / 127
+            self.values[part] = torch.round(x[part] / self.scale[part].clamp_min(1e-30)[:, None]).to(torch.int8)
 
     def __len__(self) -> int:
         return len(self.values)
