@@ -1,6 +1,6 @@
 """How fast full-precision LightGCN converges on this CPU, recipe by recipe, on validation only.
 
-Trains LightGCN (dim 64, 3 layers, Adam, L2 1e-4 on the batch's layer-0 rows) on the train split
+Trains LightGCN (dim 64, 3 layers, Adam, L2 `--reg` 1e-4 on the batch's layer-0 rows) on the train split
 minus a carved validation split (10% of each user's training interactions, seed 0) for a fixed
 wall-clock budget, and prints validation Recall@20 / NDCG@20 every few epochs. The variants differ
 in one thing at a time: initialisation (N(0, 0.1^2) or spectral), sampling (every training
@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--loss", choices=["bpr", "softmax"], default="bpr")
     p.add_argument("--batch-size", type=int, default=32768)
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--reg", type=float, default=1e-4, help="L2 on the batch's layer-0 rows")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
@@ -91,8 +92,8 @@ def main() -> None:
             u, i = users[lo:lo + args.batch_size], items[lo:lo + args.batch_size]
             ut, it, nt = torch.from_numpy(u), torch.from_numpy(i), torch.from_numpy(sampler.sample(u, args.negatives))
             final = propagate(adj, weight, 3)
-            loss = ranking_loss(final, weight, n_users, ut, it, nt, 0.0, 1e-4) if args.loss == "bpr" \
-                else softmax_loss(final, weight, n_users, ut, it, nt, 1e-4)
+            loss = ranking_loss(final, weight, n_users, ut, it, nt, 0.0, args.reg) if args.loss == "bpr" \
+                else softmax_loss(final, weight, n_users, ut, it, nt, args.reg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -58,7 +58,7 @@ from gnaq_stream.serve.scoring import ItemIndex, _fastscan, top_k  # noqa: E402
 from gnaq_stream.stream.learner import StreamLearner  # noqa: E402
 from gnaq_stream.stream.updates import UpdatesPublisher  # noqa: E402
 from gnaq_stream.train.evaluation import evaluate_ranking, interaction_matrix  # noqa: E402
-from gnaq_stream.updates_format import history_record, meta_record, row_record  # noqa: E402
+from gnaq_stream.updates_format import BLOCK_ROWS, block_record, history_record, meta_record  # noqa: E402
 
 K = 20
 
@@ -224,10 +224,12 @@ def synthetic_records(nodes: int, seed: int = 5) -> tuple[list[tuple[bytes, byte
     meta = {"model_id": f"synthetic-{nodes}", "dim": dim, "bits": bits, "level_dtype": level_dtype,
             "n_users": users, "n_items": items}
     records = [meta_record({**meta, "version": -1})]
-    for u in range(users):
-        records.append(row_record("user", u, str(u), 1, packed[u].tobytes()))
-        records.append(history_record(u, 1, rng.integers(0, items, 20)))
-    records += [row_record("item", i, str(i), 1, packed[users + i].tobytes()) for i in range(items)]
+    records += [history_record(u, 1, rng.integers(0, items, 20)) for u in range(users)]
+    for kind, rows in (("user", packed[:users]), ("item", packed[users:])):  # as a full publication sends them
+        for block, lo in enumerate(range(0, len(rows), BLOCK_ROWS)):
+            ids = [str(k).encode() for k in range(lo, min(lo + BLOCK_ROWS, len(rows)))]
+            records.append(block_record(kind, block, 1, b"".join(ids), np.array([len(i) for i in ids]),
+                                        rows[lo:lo + BLOCK_ROWS]))
     records.append(meta_record({**meta, "version": 1}))
     return records, users, items
 

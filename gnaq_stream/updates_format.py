@@ -9,12 +9,18 @@ Records (key -> value; integers in keys big-endian so they sort, in values littl
                           over before that model's rows arrive
     b"U" / b"I" + u32 idx + external id (UTF-8)
                           u64 version | serving row (packed, gnaq_stream.quant.packing)
+    b"B" + b"U" / b"I" + u32 block
+                          u64 version | u16 count | count x u16 id length | the ids | count x serving row:
+                          the rows of nodes block x BLOCK_ROWS ... + count - 1 in one record, standing for
+                          the row records of those nodes at that version (a propagation changes most rows:
+                          one record per row made the producer, not the network, the bottleneck)
     b"H" + u32 user idx   u64 version | u32 item indices of everything the user interacted with
     any key -> no value   a tombstone: a new model deletes the keys of the one before it, so a compacted
                           topic holds only the current model
 
 Every record is the whole current value for its key, so a compacted topic holds the full model and
-replaying records is idempotent: a replica keeps, per key, the record with the highest version.
+replaying records is idempotent: a replica keeps, per node, the row with the highest version (a block
+record holds every node of its block, so compaction never keeps an older block over a newer one).
 The topic must have exactly one partition: "model version v complete" means every record before the
 meta record of v, which only one partition orders.
 """
@@ -31,6 +37,8 @@ UPDATES_FORMAT = "gnaq-updates/1"
 META_KEY = b"M"
 _U32 = struct.Struct(">I")
 _VERSION = struct.Struct("<Q")
+_BLOCK_HEAD = struct.Struct("<QH")  # version, count
+BLOCK_ROWS = 256  # rows per block record: at most 256 x (row + id) bytes, far below Kafka's 1 MB default
 _META_FIELDS = {"model_id": str, "dim": int, "bits": int, "level_dtype": str, "version": int, "n_users": int,
                 "n_items": int}
 
@@ -61,6 +69,42 @@ def row_key(kind: str, index: int, external_id: str) -> bytes:
 
 def row_record(kind: str, index: int, external_id: str, version: int, row: bytes) -> tuple[bytes, bytes]:
     return row_key(kind, index, external_id), _VERSION.pack(version) + row
+
+
+def block_record(kind: str, block: int, version: int, ids: bytes, id_lengths: np.ndarray, rows: np.ndarray
+                 ) -> tuple[bytes, bytes]:
+    """Rows of nodes block x BLOCK_ROWS onwards: `rows` one packed row each, `ids` their external ids
+    in UTF-8 back to back, `id_lengths` each one's length in bytes."""
+    if not 0 < len(rows) <= BLOCK_ROWS or len(id_lengths) != len(rows) or int(np.sum(id_lengths)) != len(ids):
+        raise ValueError(f"a block holds 1..{BLOCK_ROWS} rows, one id each")
+    key = b"B" + (b"U" if kind == "user" else b"I") + _U32.pack(block)
+    return key, _BLOCK_HEAD.pack(version, len(rows)) + np.asarray(id_lengths, dtype="<u2").tobytes() + ids \
+        + np.ascontiguousarray(rows, dtype=np.uint8).tobytes()
+
+
+def expand_block(key: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
+    """The row records (key, value) a block record stands for, in index order."""
+    if len(key) != 6 or key[1:2] not in (b"U", b"I") or len(value) < _BLOCK_HEAD.size:
+        raise UpdateFormatError(f"not a block record: key {key[:16]!r}")
+    version, count = _BLOCK_HEAD.unpack_from(value)
+    at = _BLOCK_HEAD.size + 2 * count
+    if not 0 < count <= BLOCK_ROWS or len(value) < at:
+        raise UpdateFormatError(f"block record of {count} rows (1..{BLOCK_ROWS})")
+    ends = at + np.cumsum(np.frombuffer(value, dtype="<u2", count=count, offset=_BLOCK_HEAD.size), dtype=np.int64)
+    rows = len(value) - int(ends[-1])
+    if rows <= 0 or rows % count:
+        raise UpdateFormatError("block record whose rows are not whole")
+    width, first = rows // count, _U32.unpack(key[2:6])[0] * BLOCK_ROWS
+    if first + count > 1 << 32:
+        raise UpdateFormatError("block record past the last u32 node index")
+    ids = [value[s:e] for s, e in zip([at, *ends[:-1].tolist()], ends.tolist())]
+    try:  # one decode for all; an ASCII separator cannot hide a bad sequence across two ids
+        b"\n".join(ids).decode()
+    except UnicodeDecodeError:
+        raise UpdateFormatError(f"block record with an external id that is not UTF-8: {key!r}") from None
+    head, stamp, base = key[1:2], _VERSION.pack(version), int(ends[-1])
+    return [(head + _U32.pack(first + r) + i, stamp + value[base + r * width:base + (r + 1) * width])
+            for r, i in enumerate(ids)]
 
 
 def history_record(user: int, version: int, items: np.ndarray) -> tuple[bytes, bytes]:

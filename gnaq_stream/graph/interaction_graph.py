@@ -208,6 +208,12 @@ class IdMap:
         ends = self._ends.view
         return self._buf[ends[k - 1] if k else 0:ends[k]].decode()
 
+    def encoded(self, lo: int, hi: int) -> tuple[bytes, np.ndarray]:
+        """Ids lo..hi-1 as they are held: their UTF-8 bytes back to back, and each one's length."""
+        ends = self._ends.view
+        bounds = np.concatenate([[ends[lo - 1] if lo else 0], ends[lo:hi]]).astype(np.int64)
+        return bytes(self._buf[bounds[0]:bounds[-1]]), np.diff(bounds)
+
     def get(self, ext: str) -> int | None:
         found = self._recent.get(ext)
         if found is None:

@@ -7,8 +7,8 @@ tombstone (no value) deletes its key, so a replica replaying a compacted topic h
 the learner published last. A record the replica cannot apply raises `RejectedUpdate` and changes
 nothing: undecodable, a row of another width than the model's, or an index beyond `max_nodes`.
 
-`apply_many` applies a batch as one: rows of the model's width are decoded and written with array
-operations (one WriteBatch, one `ItemIndex.put`), with the same outcome per record as one by one.
+`apply_many` applies a batch as one (a block record as the row records it stands for): rows of the
+model's width are decoded and written with array operations (one WriteBatch, one `ItemIndex.put`), with the same outcome per record as one by one.
 Memory per node is its packed row, a version (u32 while versions fit) and its external id in one
 byte buffer (offset + length prefix); users also have an open-addressing hash slot (id -> index).
 Histories are not held in memory: a request reads its user's history from the store (one get).
@@ -29,7 +29,7 @@ from gnaq_stream.errors import ConfigError, GnaqError
 from gnaq_stream.quant.packing import SUPPORTED_BITS, check_bits, check_level_dtype, row_bytes
 from gnaq_stream.serve.scoring import ItemIndex, PackedScorer
 from gnaq_stream.updates_format import (META_KEY, HistoryUpdate, RowUpdate, UpdateFormatError, decode_meta,
-                                        decode_rows, decode_update)
+                                        decode_rows, decode_update, expand_block)
 
 log = logging.getLogger("gnaq_stream.serve")
 REJECTION_REASONS = ("malformed", "width", "index", "partition")
@@ -414,6 +414,35 @@ class Replica:
         return self._apply_many(records, persist=True)
 
     def _apply_many(self, records: list[tuple[bytes, bytes | None]], persist: bool) -> list[bool | RejectedUpdate]:
+        if not any(key[:1] == b"B" for key, _ in records):
+            return self._apply_flat(records, persist)
+        # a block record is applied as the row records it stands for (stored as those): its outcome is
+        # True if any of its rows was taken; it is rejected whole (every row of a block has one width)
+        flat, owner, out = [], [], [False] * len(records)
+        for position, (key, value) in enumerate(records):
+            if key[:1] != b"B":
+                flat.append((key, value))
+                owner.append(position)
+            elif value:  # a block's tombstone changes nothing: its rows are held under their own keys
+                try:
+                    rows = expand_block(key, value)
+                except UpdateFormatError as exc:
+                    out[position] = RejectedUpdate("malformed", str(exc))
+                    continue
+                last, longest = int.from_bytes(rows[-1][0][1:5], "big"), max(len(k) for k, _ in rows) - 5
+                if last >= self.max_nodes:
+                    out[position] = RejectedUpdate("index", f"node index {last} >= max_nodes={self.max_nodes}")
+                elif longest > MAX_ID_BYTES:
+                    out[position] = RejectedUpdate("malformed", f"external id of {longest} bytes (at most {MAX_ID_BYTES})")
+                else:
+                    flat += rows
+                    owner += [position] * len(rows)
+        for position, outcome in zip(owner, self._apply_flat(flat, persist)):
+            if not isinstance(out[position], RejectedUpdate):
+                out[position] = outcome if isinstance(outcome, RejectedUpdate) else out[position] or outcome
+        return out
+
+    def _apply_flat(self, records: list[tuple[bytes, bytes | None]], persist: bool) -> list[bool | RejectedUpdate]:
         self._batch = WriteBatch(raw_mode=True)
         self._histories.clear()
         out: list[bool | RejectedUpdate] = [False] * len(records)

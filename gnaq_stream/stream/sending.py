@@ -14,10 +14,12 @@ Record = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]] | None] 
 def send_all(producer: KafkaProducer, records: Iterable[Record]) -> int:
     """Send and flush `records`; raises the first failure (a KafkaError) unless every one was acknowledged.
     Returns how many were sent."""
-    futures = [producer.send(topic, key=key, value=value, headers=headers or None)
-               for topic, key, value, headers in records]
+    futures, size = [], 0
+    for topic, key, value, headers in records:
+        futures.append(producer.send(topic, key=key, value=value, headers=headers or None))
+        size += len(value or b"")
     # bounded, so a stop request is honoured while the broker is away, with time for a big publication
-    timeout = 5.0 + len(futures) / 20_000
+    timeout = 5.0 + len(futures) / 20_000 + size / 5e6
     producer.flush(timeout=timeout)
     for future in futures:
         if not future.is_done:

@@ -11,11 +11,15 @@ from kafka import KafkaProducer
 from gnaq_stream.quant.packing import quantize_rows
 from gnaq_stream.stream.learner import StreamLearner
 from gnaq_stream.stream.sending import Record, send_all
-from gnaq_stream.updates_format import history_record, meta_record, row_record
+from gnaq_stream.updates_format import BLOCK_ROWS, block_record, history_record, meta_record, row_record
 
 log = logging.getLogger("gnaq_stream.updates")
 # a history record must fit Kafka's default 1 MB request: the most recent items of a heavier user
 MAX_HISTORY_ITEMS = 200_000
+# a block where at least this many rows changed is sent as one block record (at most 8x the row bytes of
+# its changed rows, for up to 256x fewer records), the other changed rows one record each
+DENSE_BLOCK_ROWS = BLOCK_ROWS // 8
+MAX_BLOCK_BYTES = 900_000  # below Kafka's default 1 MB message limit
 
 
 class UpdatesPublisher:
@@ -49,9 +53,8 @@ class UpdatesPublisher:
             records.append((self.topic, *history_record(u, learner.version, history), None))
         fresh, count = {}, 0
         if learner.final_version != self.published_version:
-            fresh, rows = self._rows(learner)
+            fresh, rows, count = self._rows(learner)
             records += rows
-            count = len(rows) - 1
         held = {**self.sent, **fresh}  # what the replicas hold once the records above arrive
         none = np.zeros(0, dtype=np.int64)
         touched = self._touched_rows(learner, *(new_nodes or (none, none)), held)
@@ -93,16 +96,32 @@ class UpdatesPublisher:
         held[idx] = rows
         self.sent[kind] = held
 
-    def _rows(self, learner: StreamLearner) -> tuple[dict[str, np.ndarray], list[Record]]:
-        """Changed serving rows of both kinds, then the meta record that completes them."""
-        fresh, records = {}, []
+    def _rows(self, learner: StreamLearner) -> tuple[dict[str, np.ndarray], list[Record], int]:
+        """Changed serving rows of both kinds, then the meta record that completes them; and how many rows."""
+        fresh, records, count = {}, [], 0
         for kind, final in (("user", learner.final_users), ("item", learner.final_items)):
             rows = quantize_rows(final, self.serve_bits, learner.cfg.level_dtype)
             idx = np.flatnonzero(_changed(self.sent[kind], np.arange(len(rows)), rows))
-            records += self._row_records(learner, kind, idx, rows[idx], learner.final_version)
-            fresh[kind] = rows
+            records += self._changed_records(learner, kind, idx, rows, learner.final_version)
+            fresh[kind], count = rows, count + len(idx)
         records.append((self.topic, *meta_record(self._meta(learner, learner.final_version)), None))
-        return fresh, records
+        return fresh, records, count
+
+    def _changed_records(self, learner: StreamLearner, kind: str, idx: np.ndarray, rows: np.ndarray,
+                         version: int) -> list[Record]:
+        """Records for the changed nodes `idx` of `rows` (every node's row of that kind, in index order):
+        a block record for each block dense in changes, a row record for each other changed node."""
+        ids = learner.graph.users if kind == "user" else learner.graph.items
+        blocks, counts = np.unique(idx // BLOCK_ROWS, return_counts=True)
+        records, sent = [], []
+        for block in blocks[counts >= DENSE_BLOCK_ROWS].tolist():
+            lo, hi = block * BLOCK_ROWS, min((block + 1) * BLOCK_ROWS, len(rows))
+            names, lengths = ids.encoded(lo, hi)
+            if rows[lo:hi].nbytes + len(names) <= MAX_BLOCK_BYTES:  # else (wide rows, long ids) row by row
+                records.append((self.topic, *block_record(kind, block, version, names, lengths, rows[lo:hi]), None))
+                sent.append(block)
+        single = idx[~np.isin(idx // BLOCK_ROWS, sent)]
+        return records + self._row_records(learner, kind, single, rows[single], version)
 
     def _row_records(self, learner: StreamLearner, kind: str, idx: np.ndarray, rows: np.ndarray,
                      version: int) -> list[Record]:

@@ -40,10 +40,11 @@ from gnaq_stream.serve.replica import REJECTION_REASONS, NotReady, RejectedUpdat
 log = logging.getLogger("gnaq_stream.serve")
 MAX_USER_ID_CHARS = 256  # as events allow
 MAX_REQUEST_LINE = 64 * 1024  # longer request lines are refused by the HTTP parser itself
-# records per apply_many: large enough to amortise a batch's fixed costs, small enough that a
-# request waits at most ~0.1 s behind one while a replica catches up
+# a fetch is applied as one apply_many: large enough to amortise a batch's fixed costs, small enough
+# that a request waits at most ~0.2 s behind one while a replica catches up. Bounded in records and
+# in bytes per partition (1 MiB: ~15k row records, or ~130 block records of ~256 rows each)
 MAX_BATCH_RECORDS = 20_000
-FETCH_BYTES = 16 << 20  # per partition and fetch (aiokafka's default, 1 MiB, is ~15k records)
+FETCH_BYTES = 1 << 20
 RETRY_SECONDS = 2.0
 
 

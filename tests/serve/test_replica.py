@@ -11,8 +11,9 @@ from gnaq_stream.config import LearnerConfig
 from gnaq_stream.data.events import Event
 from gnaq_stream.serve.replica import NotReady, RejectedUpdate, Replica, UnknownUser
 from gnaq_stream.stream.learner import StreamLearner
-from gnaq_stream.stream.updates import UpdatesPublisher
-from gnaq_stream.updates_format import META_KEY, decode_meta, history_record, meta_record, row_key, row_record
+from gnaq_stream.stream.updates import DENSE_BLOCK_ROWS, UpdatesPublisher
+from gnaq_stream.updates_format import (BLOCK_ROWS, META_KEY, block_record, decode_meta, expand_block, history_record,
+                                        meta_record, row_key, row_record)
 
 CFG = LearnerConfig(dim=8, bits=2, level_dtype="fp8", refine_steps=1, refine_budget_seconds=60.0)
 
@@ -450,9 +451,11 @@ def test_a_batch_ends_in_the_state_of_its_records_applied_one_by_one(tmp_path, s
     b, b_records = _published(B_EVENTS, stale_keys=a_keys)
     rng = random.Random(seed)
     row = next(value for key, value in a_records if key[:1] == b"U")[8:]
+    three = np.frombuffer(row * 3, dtype=np.uint8).reshape(3, -1)
     extra = [row_record("user", 0, "u0", 0, row), row_record("item", 2, "moved", 10**6, row),
              row_record("user", 3, "u3", 10**6, row + b"\x00"), (row_key("user", 1, "u1"), None),
-             (b"H\x00\x00\x00\x02", None), history_record(2, 10**6, np.arange(4)), (META_KEY, b"[]")]
+             (b"H\x00\x00\x00\x02", None), history_record(2, 10**6, np.arange(4)), (META_KEY, b"[]"),
+             block_record("item", 0, 10**6, b"i0i1moved", np.array([2, 2, 5]), three), (b"BI\x00\x00\x00\x00", None)]
     topic = a_records[:]
     for record in extra:
         topic.insert(rng.randrange(1, len(topic)), record)
@@ -509,3 +512,91 @@ def test_a_history_too_long_for_one_kafka_request_is_cut_to_its_latest_items(mon
     (value,) = [v for k, v in producer.records if k == b"H" + (0).to_bytes(4, "big")]
     held = np.frombuffer(value[8:], dtype="<u4").tolist()
     assert held == list(learner.graph.user_items[0][-3:]) and len(learner.graph.user_items[0]) > 3
+
+
+def _dense_learner() -> tuple[StreamLearner, UpdatesPublisher, RecordingProducer]:
+    """A model of 300 users and 300 items, every serving row published once."""
+    learner, producer = StreamLearner(CFG), RecordingProducer()
+    publisher = UpdatesPublisher(producer, "updates", CFG.bits)
+    learner.apply_micro_batch([Event(f"u{k % 300}", f"i{(7 * k) % 300}", float(k)) for k in range(1500)])
+    learner.refresh_final_embeddings(force=True)
+    publisher.publish(learner, np.arange(learner.graph.n_users))
+    return learner, publisher, producer
+
+
+def _expanded(records: list) -> list:
+    """The same records with each block record replaced by the row records it stands for."""
+    return [row for key, value in records for row in (expand_block(key, value) if key[:1] == b"B" else [(key, value)])]
+
+
+def test_a_block_record_stands_for_the_row_records_of_its_nodes():
+    rows = np.arange(30, dtype=np.uint8).reshape(3, 10)
+    key, value = block_record("item", 2, 7, "abéc".encode(), np.array([1, 3, 1]), rows)
+    assert expand_block(key, value) == [row_record("item", 2 * BLOCK_ROWS + k, name, 7, rows[k].tobytes())
+                                        for k, name in enumerate(["a", "bé", "c"])]
+
+
+def test_a_dense_publication_goes_out_in_block_records_that_a_replica_applies_as_its_rows(tmp_path):
+    learner, publisher, producer = _dense_learner()
+    records = producer.records
+    # 300 users and 300 items: blocks 0 (256 rows) and 1 (44 rows) of each kind hold every row
+    assert sorted(key for key, _ in records if key[:1] in b"UIB") == \
+        [kind + b.to_bytes(4, "big") for kind in (b"BI", b"BU") for b in (0, 1)]
+    replica, reference = _fed(tmp_path / "blocks", records), _fed(tmp_path / "rows", _expanded(records))
+    users = list(learner.graph.users.external)
+    assert replica.ready and _state(replica, users) == _state(reference, users)  # the store holds row records
+    # the next propagation: a block record where >= DENSE_BLOCK_ROWS of a block's rows changed, else row records
+    held = {kind: rows.copy() for kind, rows in publisher.sent.items()}
+    producer.sent.clear()
+    learner.apply_micro_batch([Event(f"u{k}", "i-new", 9_999.0 + k) for k in range(40)])
+    learner.refresh_final_embeddings(force=True)
+    sent = publisher.publish(learner, np.zeros(0, dtype=np.int64))
+    changed = {kind: np.flatnonzero((publisher.sent[kind][:len(held[kind])] != held[kind]).any(1))
+               for kind in held}
+    changed["item"] = np.append(changed["item"], 300)  # the new item
+    expected = set()
+    for kind, idx in changed.items():
+        blocks, counts = np.unique(idx // BLOCK_ROWS, return_counts=True)
+        dense = blocks[counts >= DENSE_BLOCK_ROWS]
+        head = b"U" if kind == "user" else b"I"
+        expected |= {b"B" + head + b.to_bytes(4, "big") for b in dense.tolist()}
+        expected |= {head + i.to_bytes(4, "big") for i in idx[~np.isin(idx // BLOCK_ROWS, dense)].tolist()}
+    assert expected and any(key[:1] == b"B" for key in expected) and any(key[:1] != b"B" for key in expected)
+    assert {key if key[:1] == b"B" else key[:5] for key, _ in producer.records if key[:1] in b"UIB"} == expected
+    assert sent == sum(len(idx) for idx in changed.values())
+    for record in producer.records:
+        replica.apply(*record)
+    for record in _expanded(producer.records):
+        reference.apply(*record)
+    assert _state(replica, users) == _state(reference, users)
+    replica.close()
+    assert _state(Replica(tmp_path / "blocks"), users) == _state(reference, users)  # after a restart too
+    reference.close()
+
+
+def test_a_bad_block_record_is_rejected_whole_and_changes_nothing(tmp_path):
+    learner, _, producer = _dense_learner()
+    records = producer.records
+    replica = _fed(tmp_path / "r", records, max_nodes=400)
+    users = list(learner.graph.users.external)
+    before = _state(replica, users)
+    key, value = next((k, v) for k, v in records if k == b"BU" + bytes(4))
+    width = replica.users.width
+    row = value[-width:]
+    newer = struct.pack("<QH", 10**6, BLOCK_ROWS) + value[10:]
+
+    def one(id_bytes: bytes, row_bytes: bytes = row) -> bytes:
+        return struct.pack("<QHH", 10**6, 1, len(id_bytes)) + id_bytes + row_bytes
+
+    bad = {
+        "malformed": [(key, value[:-1]), (key, value[:8] + b"\x00\x00"), (key, one(b"\xff\xfe\xfd")),
+                      (key, one(b"x" * 1025)), (b"BX" + bytes(4), newer), (key + b"\x00", newer)],
+        "index": [(b"BU" + (1).to_bytes(4, "big"), newer)],  # nodes 256..511, max_nodes 400
+        "width": [(key, one(b"u0", row + b"\x00"))],
+    }
+    for reason, bad_records in bad.items():
+        for record in bad_records:
+            assert _rejected(replica, *record) == reason
+    assert replica.apply(key, None) is False  # a block's tombstone: its rows stay, under their own keys
+    assert _state(replica, users) == before
+    replica.close()
