@@ -8,7 +8,8 @@ the learner published last. A record the replica cannot apply raises `RejectedUp
 nothing: undecodable, a row of another width than the model's, or an index beyond `max_nodes`.
 
 `apply_many` applies a batch as one (a block record as the row records it stands for): rows of the
-model's width are decoded and written with array operations (one WriteBatch, one `ItemIndex.put`), with the same outcome per record as one by one.
+model's width are decoded and written with array operations (one WriteBatch, one `ItemIndex.put`),
+with the same outcome per record as one by one.
 Memory per node is its packed row, a version (u32 while versions fit) and its external id in one
 byte buffer (offset + length prefix); users also have an open-addressing hash slot (id -> index).
 Histories are not held in memory: a request reads its user's history from the store (one get).
