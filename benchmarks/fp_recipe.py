@@ -46,6 +46,9 @@ def main() -> None:
     p.add_argument("--loss", choices=["bpr", "softmax"], default="bpr")
     p.add_argument("--batch-size", type=int, default=32768)
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="cosine: the learning rate falls from --lr to 0 over --epochs, step by step")
+    p.add_argument("--epochs", type=int, default=0, help="stop after this many epochs too (0: the minutes alone)")
     p.add_argument("--reg", type=float, default=1e-4, help="L2 on the batch's layer-0 rows")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=1)
@@ -63,6 +66,10 @@ def main() -> None:
     weight = torch.nn.Parameter(initial_table(data, TrainConfig(method="fp", fp_init=args.init)))
     init_seconds = time.perf_counter() - start
     opt = torch.optim.Adam([weight], lr=args.lr)
+    steps_per_epoch = -(-len(tr) // args.batch_size)
+    horizon = args.epochs * steps_per_epoch
+    if args.schedule == "cosine" and not horizon:
+        p.error("--schedule cosine needs --epochs (its horizon)")
     sampler = NegativeSampler(tr.users, tr.items, n_items, rng)
     by_user = np.argsort(tr.users, kind="stable")
     starts = np.searchsorted(tr.users[by_user], np.arange(n_users + 1))
@@ -78,7 +85,8 @@ def main() -> None:
 
     curve = [validate(0.0, 0)]
     seconds, epoch, n = 0.0, 0, len(tr)
-    while seconds < args.minutes * 60:
+    step = 0
+    while seconds < args.minutes * 60 and (not args.epochs or epoch < args.epochs):
         epoch += 1
         t0 = time.perf_counter()
         if args.sampling == "users":  # a uniform user, then one of its items
@@ -91,6 +99,9 @@ def main() -> None:
         for lo in range(0, n, args.batch_size):
             u, i = users[lo:lo + args.batch_size], items[lo:lo + args.batch_size]
             ut, it, nt = torch.from_numpy(u), torch.from_numpy(i), torch.from_numpy(sampler.sample(u, args.negatives))
+            if args.schedule == "cosine":
+                opt.param_groups[0]["lr"] = args.lr * 0.5 * (1 + np.cos(np.pi * step / horizon))
+            step += 1
             final = propagate(adj, weight, 3)
             loss = ranking_loss(final, weight, n_users, ut, it, nt, 0.0, args.reg) if args.loss == "bpr" \
                 else softmax_loss(final, weight, n_users, ut, it, nt, args.reg)
@@ -98,7 +109,7 @@ def main() -> None:
             loss.backward()
             opt.step()
         seconds += time.perf_counter() - t0
-        if epoch % args.eval_every == 0 or seconds >= args.minutes * 60:
+        if epoch % args.eval_every == 0 or seconds >= args.minutes * 60 or epoch == args.epochs:
             curve.append(validate(seconds, epoch))
     print(json.dumps({"args": vars(args), "init_seconds": round(init_seconds, 1), "curve": curve}))
 
