@@ -21,7 +21,7 @@ import torch
 
 from gnaq_stream.config import TrainConfig
 from gnaq_stream.data.datasets import carve_validation, load_dataset
-from gnaq_stream.graph.interaction_graph import normalized_adjacency
+from gnaq_stream.graph.interaction_graph import edge_test, normalized_adjacency
 from gnaq_stream.model.lightgcn import propagate
 from gnaq_stream.train.evaluation import evaluate_ranking, interaction_matrix
 from gnaq_stream.train.trainer import NegativeSampler, initial_table, l2_penalty, ranking_loss, tune_allocator
@@ -70,7 +70,7 @@ def main() -> None:
     horizon = args.epochs * steps_per_epoch
     if args.schedule == "cosine" and not horizon:
         p.error("--schedule cosine needs --epochs (its horizon)")
-    sampler = NegativeSampler(tr.users, tr.items, n_items, rng)
+    sampler = NegativeSampler(edge_test(tr.users, tr.items), n_items, rng)
     by_user = np.argsort(tr.users, kind="stable")
     starts = np.searchsorted(tr.users[by_user], np.arange(n_users + 1))
     active = np.flatnonzero(np.diff(starts) > 0)

@@ -10,7 +10,7 @@ O(edges): merging every batch would make a batch's cost grow with the graph.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,12 +26,32 @@ def unique_edges(users: np.ndarray, items: np.ndarray, n_items: int) -> tuple[np
     return keys // n_items, keys % n_items
 
 
+def edge_keys(users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """`user << 32 | item` for each pair: the graph's edge key, in the users' order when sorted."""
+    return np.asarray(users, dtype=np.int64) << 32 | np.asarray(items, dtype=np.int64)
+
+
+def find_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of `keys` is or would go in the sorted array `sorted_keys`, and which are there."""
+    pos = np.searchsorted(sorted_keys, keys)
+    found = pos < len(sorted_keys)
+    found[found] = sorted_keys[pos[found]] == keys[found]
+    return pos, found
+
+
+def edge_test(users: np.ndarray, items: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A membership test of (users, items) pairs against these edges (what `InteractionGraph.has_edges`
+    is for a growing graph)."""
+    known = np.unique(edge_keys(users, items))
+    return lambda u, i: find_sorted(known, edge_keys(u, i))[1]
+
+
 def normalized_adjacency(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray) -> torch.Tensor:
     """D^-1/2 A D^-1/2 of the bipartite graph as a torch CSR tensor of shape (n_users+n_items)^2.
 
     Isolated nodes get empty rows, so their propagated embedding is their own layer-0 share only.
     """
-    keys = np.unique(np.asarray(users, dtype=np.int64) << 32 | np.asarray(items, dtype=np.int64))
+    keys = np.unique(edge_keys(users, items))
     u, i = keys >> 32, keys & ITEM_MASK
     deg_u, deg_i = np.bincount(u, minlength=n_users), np.bincount(i, minlength=n_items)
     return _bipartite_csr(keys, u[np.argsort(i, kind="stable")], deg_u, deg_i)
@@ -334,7 +354,7 @@ class InteractionGraph:
     def add_interactions(self, users: np.ndarray, items: np.ndarray, counts: np.ndarray | None = None) -> int:
         """Record events on (user, item) pairs of internal indices: one each, or `counts` events on
         each of distinct pairs (a snapshot); returns how many edges are new."""
-        keys = np.asarray(users, dtype=np.int64) << 32 | np.asarray(items, dtype=np.int64)
+        keys = edge_keys(users, items)
         if counts is None:
             keys, counts = np.unique(keys, return_counts=True)
         elif len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
@@ -373,9 +393,7 @@ class InteractionGraph:
     @staticmethod
     def _count(sorted_keys: np.ndarray, counts: np.ndarray, keys: np.ndarray, add: np.ndarray) -> np.ndarray:
         """Add `add` to the counts of the unique `keys` found in `sorted_keys`; the mask of those not found."""
-        pos = np.searchsorted(sorted_keys, keys)
-        found = pos < len(sorted_keys)
-        found[found] = sorted_keys[pos[found]] == keys[found]
+        pos, found = find_sorted(sorted_keys, keys)
         counts[pos[found]] += add[found]
         return ~found
 
@@ -395,6 +413,11 @@ class InteractionGraph:
         for kind, degrees in (("_user_ptr", self._deg_u.view), ("_item_ptr", self._deg_i.view)):
             if len(new) or len(getattr(self, kind)) != len(degrees) + 1:
                 setattr(self, kind, _row_starts(degrees))
+
+    def has_edges(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Which (user, item) pairs of internal indices are edges (a mask)."""
+        keys = edge_keys(users, items)
+        return find_sorted(self._keys, keys)[1] | find_sorted(self._pending, keys)[1]
 
     # ---- neighbours and degrees ------------------------------------------------------------------
 

@@ -4,8 +4,8 @@ Refinement only nudges the nodes a micro-batch touches, against a context that i
 yelp2018 replay that recovered little of what a retrain from scratch learns from the same new
 interactions (docs/benchmarks.md). Consolidation runs the offline `gnaq` step itself over the whole
 current graph: Adam on levels and latent of every node, BPR + LambdaLoss on uniformly sampled edges
-with uniform negatives, codes re-derived by RAU after every step. It spends an idle-time budget
-earned by streaming, in training pairs (`consolidate_pairs_per_event` per applied event: work, not
+with offline's negative sampler (uniform, the user's items excluded), codes re-derived by RAU after
+every step. It spends an idle-time budget earned by streaming, in training pairs (`consolidate_pairs_per_event` per applied event: work, not
 seconds, so a faster stream path does not buy less learning), in slices short enough that a message
 arriving meanwhile waits at most one slice. Its optimiser state lives until the next micro-batch
 changes the graph.
@@ -23,7 +23,7 @@ from gnaq_stream.config import LearnerConfig
 from gnaq_stream.graph.interaction_graph import InteractionGraph
 from gnaq_stream.model.gnaq import METHODS, QuantizedEmbedding, Recommender
 from gnaq_stream.quant.node_table import NodeTable
-from gnaq_stream.train.trainer import training_step
+from gnaq_stream.train.trainer import NegativeSampler, training_step
 
 
 def earned(cfg: LearnerConfig, budget: float, events: int, n_edges: int) -> float:
@@ -48,19 +48,20 @@ class Consolidator:
                                        cfg.bits, METHODS["gnaq"], cfg.rau_alpha, cfg.rau_half_degree)
         self.model = Recommender(nu, ni, embedding, cfg.n_layers)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.consolidate_lr)
+        self.sampler = NegativeSampler(graph.has_edges, ni, rng)
 
     def run(self, pairs: int, seconds: float) -> int:
         """Optimiser steps over `pairs` sampled training pairs in all, stopping early once `seconds` have
         passed (after at least one step); the pairs trained. The pairs are spread evenly over
         ceil(pairs / consolidate_batch) steps: every step costs a full-graph propagation, so a small
         remainder is not given one of its own."""
-        cfg, n_items = self.cfg, self.model.n_items
+        cfg = self.cfg
         start, trained = time.perf_counter(), 0
         while trained < pairs and (trained == 0 or time.perf_counter() - start < seconds):
             left = pairs - trained
             batch = math.ceil(left / math.ceil(left / cfg.consolidate_batch))
             pick = self.rng.integers(0, len(self.edge_users), batch)
-            negatives = self.rng.integers(0, n_items, (batch, cfg.n_negatives))
+            negatives = self.sampler.sample(self.edge_users[pick], cfg.n_negatives)
             training_step(self.model, self.adj, self.optimizer, torch.from_numpy(self.edge_users[pick]),
                           torch.from_numpy(self.edge_items[pick]), torch.from_numpy(negatives),
                           cfg.lambda_weight, cfg.reg)

@@ -35,7 +35,7 @@ from gnaq_stream.quant.packing import round_levels
 from gnaq_stream.quant.quantizer import dequantize, neighbour_trust, rau_codes
 from gnaq_stream.store.embedding_store import ChangeSet, NodeRows, StoredState
 from gnaq_stream.stream.consolidation import Consolidator
-from gnaq_stream.train.trainer import ranking_loss
+from gnaq_stream.train.trainer import NegativeSampler, ranking_loss
 
 
 # glibc keeps the pages a propagation's transient arrays free (the peak is ~2.3x the steady RSS at
@@ -343,7 +343,7 @@ class StreamLearner:
         stored row (levels, codes) changed, and the steps taken."""
         cfg, g = self.cfg, self.graph
         start = time.perf_counter()
-        negatives = self.rng.integers(0, g.n_items, size=(len(users), cfg.n_negatives))
+        negatives = NegativeSampler(g.has_edges, g.n_items, self.rng).sample(users, cfg.n_negatives)
         local_u = np.unique(users)
         local_i = np.unique(np.concatenate([items, negatives.ravel()]))
         n_u = len(local_u)

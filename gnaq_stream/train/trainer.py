@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,7 @@ from gnaq_stream.checkpoint import StoredModel
 from gnaq_stream.config import TrainConfig
 from gnaq_stream.data.datasets import InteractionData, Split, carve_validation
 from gnaq_stream.errors import ConfigError
-from gnaq_stream.graph.interaction_graph import normalized_adjacency, unique_edges
+from gnaq_stream.graph.interaction_graph import edge_test, normalized_adjacency, unique_edges
 from gnaq_stream.model.lightgcn import propagate, spectral_init
 from gnaq_stream.model.gnaq import QuantizedEmbedding, Recommender, build_embedding, method_spec
 from gnaq_stream.model.losses import bpr_loss, lambda_loss
@@ -35,20 +36,20 @@ def tune_allocator() -> None:
 
 
 class NegativeSampler:
-    """Uniform negatives, resampled where they hit a training item of the same user."""
+    """Uniform negatives, redrawn (up to 5 times) where they hit an edge of the same user; `is_edge`
+    tells which (users, items) pairs are edges: `edge_test` offline, `InteractionGraph.has_edges` in
+    the stream."""
 
-    def __init__(self, users: np.ndarray, items: np.ndarray, n_items: int, rng: np.random.Generator):
-        self.n_items, self.rng = n_items, rng
-        self.known = np.unique(users.astype(np.int64) * n_items + items)
+    def __init__(self, is_edge: Callable[[np.ndarray, np.ndarray], np.ndarray], n_items: int,
+                 rng: np.random.Generator):
+        self.is_edge, self.n_items, self.rng = is_edge, n_items, rng
 
     def sample(self, users: np.ndarray, k: int) -> np.ndarray:
         neg = self.rng.integers(0, self.n_items, size=(len(users), k))
-        flat, owner = neg.reshape(-1), np.repeat(users.astype(np.int64), k)
+        flat, owner = neg.reshape(-1), np.repeat(users, k)
         check = np.arange(flat.size)  # later rounds re-check only the redrawn entries
         for _ in range(5):
-            keys = owner[check] * self.n_items + flat[check]
-            pos = np.searchsorted(self.known, keys).clip(max=len(self.known) - 1)
-            check = check[self.known[pos] == keys]
+            check = check[self.is_edge(owner[check], flat[check])]
             if not check.size:
                 break
             flat[check] = self.rng.integers(0, self.n_items, size=check.size)
@@ -200,7 +201,7 @@ def train(data: InteractionData, cfg: TrainConfig, init: torch.Tensor | None = N
               {"params": [p for name, p in rec.named_parameters() if p.requires_grad and name.endswith("levels")],
                "lr": cfg.level_lr or lr}]
     opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
-    sampler = NegativeSampler(data.train.users, data.train.items, data.n_items, rng)
+    sampler = NegativeSampler(edge_test(data.train.users, data.train.items), data.n_items, rng)
     lambda_weight = cfg.lambda_weight if spec.lambda_loss else 0.0
     validate = data.valid is not None
     best_score, best_state, best_epoch, stale = -1.0, None, 0, 0

@@ -3,6 +3,7 @@
 import numpy as np
 import torch
 
+from gnaq_stream.graph.interaction_graph import InteractionGraph, edge_test
 from gnaq_stream.train.trainer import NegativeSampler, l2_penalty
 
 
@@ -12,7 +13,7 @@ def test_negatives_avoid_each_users_training_items_and_cover_the_rest():
     users = np.repeat(np.arange(n_users), 30)  # 30 of 40 items each: most draws clash at first
     items = np.concatenate([rng.choice(n_items, 30, replace=False) for _ in range(n_users)])
     known = set(zip(users.tolist(), items.tolist()))
-    sampler = NegativeSampler(users, items, n_items, np.random.default_rng(1))
+    sampler = NegativeSampler(edge_test(users, items), n_items, np.random.default_rng(1))
     batch = rng.integers(0, n_users, 2000)
     neg = sampler.sample(batch, 8)
     assert neg.shape == (2000, 8)
@@ -27,9 +28,24 @@ def test_negatives_avoid_each_users_training_items_and_cover_the_rest():
 def test_negatives_on_a_sparse_graph_never_hit_a_positive():
     rng = np.random.default_rng(2)
     users, items = rng.integers(0, 300, 3000), rng.integers(0, 5000, 3000)
-    neg = NegativeSampler(users, items, 5000, rng).sample(users, 8)
+    neg = NegativeSampler(edge_test(users, items), 5000, rng).sample(users, 8)
     known = set(zip(users.tolist(), items.tolist()))
     assert not any((u, i) in known for u, row in zip(users.tolist(), neg.tolist()) for i in row)
+
+
+def test_a_growing_graph_knows_its_merged_and_pending_edges():
+    rng = np.random.default_rng(3)
+    graph = InteractionGraph()
+    graph.add_users([f"u{k}" for k in range(40)])
+    graph.add_items([f"i{k}" for k in range(60)])
+    users, items = rng.integers(0, 40, 500), rng.integers(0, 60, 500)
+    graph.add_interactions(users[:300], items[:300])
+    graph.merge()
+    graph.add_interactions(users[300:], items[300:])  # pending
+    assert len(graph._pending) > 0
+    pairs_u, pairs_i = np.repeat(np.arange(40), 60), np.tile(np.arange(60), 40)
+    assert np.array_equal(graph.has_edges(pairs_u, pairs_i), edge_test(users, items)(pairs_u, pairs_i))
+    assert graph.has_edges(pairs_u, pairs_i).sum() == len(set(zip(users.tolist(), items.tolist())))
 
 
 def test_l2_is_the_batch_rows_squared_norm_with_repeats():
