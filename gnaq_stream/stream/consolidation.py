@@ -3,12 +3,12 @@
 Refinement only nudges the nodes a micro-batch touches, against a context that is held fixed; on the
 yelp2018 replay that recovered little of what a retrain from scratch learns from the same new
 interactions (docs/benchmarks.md). Consolidation runs the offline `gnaq` step itself over the whole
-current graph: Adam on levels and latent of every node, BPR + LambdaLoss on uniformly sampled edges
-with offline's negative sampler (uniform, the user's items excluded), codes re-derived by RAU after
-every step. It spends an idle-time budget earned by streaming, in training pairs (`consolidate_pairs_per_event` per applied event: work, not
-seconds, so a faster stream path does not buy less learning), in slices short enough that a message
-arriving meanwhile waits at most one slice. Its optimiser state lives until the next micro-batch
-changes the graph.
+current graph: Adam on levels and latent of every node, BPR + LambdaLoss on uniformly sampled edges with
+offline's negative sampler (uniform, the user's items excluded), codes re-derived by RAU after every
+step. It spends an idle-time budget earned by streaming, in training pairs
+(`consolidate_pairs_per_event` per applied event: work, not seconds, so a faster stream path does not
+buy less learning), in slices short enough that a message arriving meanwhile waits at most one slice.
+Its optimiser state lives until the next micro-batch changes the graph.
 """
 
 from __future__ import annotations
