@@ -20,15 +20,15 @@ MERGE_EDGES = 1 << 18  # pending edges that trigger a merge: ~3 MB, a merge ever
 MERGE_IDS = 1 << 16  # ids added since the last index merge, kept in a dict meanwhile
 
 
-def unique_edges(users: np.ndarray, items: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """Drop repeated (user, item) pairs: the graph is binary even where events repeat."""
-    keys = np.unique(users.astype(np.int64) * n_items + items.astype(np.int64))
-    return keys // n_items, keys % n_items
-
-
 def edge_keys(users: np.ndarray, items: np.ndarray) -> np.ndarray:
     """`user << 32 | item` for each pair: the graph's edge key, in the users' order when sorted."""
     return np.asarray(users, dtype=np.int64) << 32 | np.asarray(items, dtype=np.int64)
+
+
+def unique_edges(users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop repeated (user, item) pairs: the graph is binary even where events repeat."""
+    keys = np.unique(edge_keys(users, items))
+    return keys >> 32, keys & ITEM_MASK
 
 
 def find_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

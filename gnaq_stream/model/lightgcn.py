@@ -59,7 +59,7 @@ def spectral_init(n_users: int, n_items: int, users: np.ndarray, items: np.ndarr
     component by its singular value, so training starts from a low-pass filter of the graph instead
     of noise (measured in docs/benchmarks.md, "Full-precision recipe").
     """
-    u, i = unique_edges(np.asarray(users), np.asarray(items), n_items)
+    u, i = unique_edges(np.asarray(users), np.asarray(items))
     deg_u, deg_i = np.bincount(u, minlength=n_users), np.bincount(i, minlength=n_items)
     values = 1.0 / np.sqrt(deg_u[u] * deg_i[i].astype(np.float64))
     matrix = sp.csr_matrix((values, (u, i)), shape=(n_users, n_items))

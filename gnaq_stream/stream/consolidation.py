@@ -61,8 +61,9 @@ class Consolidator:
             left = pairs - trained
             batch = math.ceil(left / math.ceil(left / cfg.consolidate_batch))
             pick = self.rng.integers(0, len(self.edge_users), batch)
-            negatives = self.sampler.sample(self.edge_users[pick], cfg.n_negatives)
-            training_step(self.model, self.adj, self.optimizer, torch.from_numpy(self.edge_users[pick]),
+            users = self.edge_users[pick]
+            negatives = self.sampler.sample(users, cfg.n_negatives)
+            training_step(self.model, self.adj, self.optimizer, torch.from_numpy(users),
                           torch.from_numpy(self.edge_items[pick]), torch.from_numpy(negatives),
                           cfg.lambda_weight, cfg.reg)
             trained += batch

@@ -234,7 +234,7 @@ def train(data: InteractionData, cfg: TrainConfig, init: torch.Tensor | None = N
         best_epoch = epochs_run
     # the stored graph is every interaction known before the test, validation included
     known = _known_before(data, "test")
-    stored = export(rec, cfg.method, cfg, np.stack(unique_edges(known.users, known.items, data.n_items), 1))
+    stored = export(rec, cfg.method, cfg, np.stack(unique_edges(known.users, known.items), 1))
     metrics = evaluate_stored(stored, data, "test", progress=progress)
     if validate:
         metrics |= {f"valid_{k}": v for k, v in evaluate_stored(stored, data, "valid", adj=adj).items()}

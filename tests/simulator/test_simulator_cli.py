@@ -106,7 +106,7 @@ def test_static_equals_a_direct_evaluation_of_the_base_checkpoint(replay_run, da
     model = load_checkpoint(out / "base")
     replay = build_replay(load_dataset("ml-100k", data_dir), "none", 0.6, 0.2, seed=2025)
     base_end = replay.bounds[1]
-    u, i = unique_edges(replay.users[:base_end], replay.items[:base_end], model.n_items)
+    u, i = unique_edges(replay.users[:base_end], replay.items[:base_end])
     np.testing.assert_array_equal(model.edges, np.stack([u, i], 1))
     adj = normalized_adjacency(model.n_users, model.n_items, model.edges[:, 0], model.edges[:, 1])
     final = propagate(adj, model.layer0(), model.n_layers).numpy()
