@@ -46,7 +46,7 @@ def run(ckpt, events: list[Event], rounding: str, seed: int, batch: int) -> dict
     cfg = LearnerConfig(seed=seed, consolidate_pairs_per_event=0.0, refresh_seconds=0.0, refresh_max_share=1.0)
     learner = StreamLearner.from_checkpoint(ckpt, cfg)
     tables = (learner.users, learner.items)
-    start = [(t.levels[:t.n].clone(), t.codes[:t.n].clone()) for t in tables]
+    start = [t.levels_codes(np.arange(t.n)) for t in tables]
     prequential = PrequentialEvaluator(window=len(events), sample=1.0, seed=seed)
     changed = 0
     for s in range(0, len(events), batch):
@@ -54,8 +54,9 @@ def run(ckpt, events: list[Event], rounding: str, seed: int, batch: int) -> dict
         prequential.score(learner, part)
         result = learner.apply_micro_batch(part)
         changed += len(result.changed_users) + len(result.changed_items)  # rows whose stored bytes changed
-    levels = np.mean([(t.levels[:len(l0)] != l0).float().mean().item() for t, (l0, _) in zip(tables, start)])
-    codes = np.mean([(t.codes[:len(c0)] != c0).float().mean().item() for t, (_, c0) in zip(tables, start)])
+    end = [t.levels_codes(np.arange(len(l0))) for t, (l0, _) in zip(tables, start)]
+    levels = np.mean([(l1 != l0).float().mean().item() for (l1, _), (l0, _) in zip(end, start)])
+    codes = np.mean([(c1 != c0).float().mean().item() for (_, c1), (_, c0) in zip(end, start)])
     acc = prequential.metrics()
     return {"rounding": rounding, "seed": seed, "rows_per_event": changed / len(events), "levels_changed": levels,
             "codes_changed": codes, "recall@20": acc["recall@20"], "ndcg@20": acc["ndcg@20"]}

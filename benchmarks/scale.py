@@ -82,9 +82,9 @@ def rss() -> tuple[int, int]:
 
 def learner_bytes(learner: StreamLearner) -> tuple[int, int]:
     """(node tables, propagated state) bytes the learner holds, capacity included."""
-    tables = sum(t.levels.nbytes + t.codes.nbytes + t.latent.nbytes + t.version.nbytes
-                 for t in (learner.users, learner.items))
-    dense = learner.context.nbytes + learner.aggregate.nbytes + learner.final_items_t.untyped_storage().nbytes()
+    tables = learner.users.nbytes + learner.items.nbytes
+    dense = (learner.context.nbytes + learner.aggregate.nbytes + learner.item_inner.nbytes
+             + learner.final_items_t.untyped_storage().nbytes())
     return tables, dense
 
 

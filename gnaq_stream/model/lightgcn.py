@@ -10,14 +10,14 @@ from scipy.sparse.linalg import svds
 from gnaq_stream.graph.interaction_graph import unique_edges
 
 
-def _layers(adj: torch.Tensor, x: torch.Tensor, n_layers: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(mean of layers 0..L, layer 1: each node's normalised neighbour sum; None when L = 0)."""
+def _layers(adj: torch.Tensor, x: torch.Tensor, n_layers: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(mean of layers 0..L, layer 1: each node's normalised neighbour sum (None when L = 0), layer L)."""
     acc, first = x.clone(), None
     for _ in range(n_layers):
         x = torch.sparse.mm(adj, x)
         first = x if first is None else first
         acc += x
-    return acc / (n_layers + 1), first
+    return acc / (n_layers + 1), first, x
 
 
 def _layer_mean(adj: torch.Tensor, x: torch.Tensor, n_layers: int) -> torch.Tensor:
@@ -43,11 +43,14 @@ def propagate(adj: torch.Tensor, layer0: torch.Tensor, n_layers: int) -> torch.T
 
 
 @torch.no_grad()
-def propagate_with_aggregate(adj: torch.Tensor, layer0: torch.Tensor, n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final embeddings and the 1-hop normalised neighbour aggregate (`adj @ layer0`) from one
-    propagation, without autograd: the aggregate is its first layer, not another product."""
-    final, first = _layers(adj, layer0, n_layers)
-    return final, (first if first is not None else torch.sparse.mm(adj, layer0))
+def propagate_with_aggregate(adj: torch.Tensor, layer0: torch.Tensor,
+                             n_layers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Final embeddings, the 1-hop normalised neighbour aggregate (`adj @ layer0`) and layer L from
+    one propagation, without autograd (the aggregate is its first layer, not another product).
+    (L + 1) * final - layer L is a node's sum of layers 0..L-1: what it passes on to its neighbours'
+    final embeddings."""
+    final, first, last = _layers(adj, layer0, n_layers)
+    return final, (first if first is not None else torch.sparse.mm(adj, layer0)), last
 
 
 def spectral_init(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray, dim: int,

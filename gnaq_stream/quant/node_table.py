@@ -1,47 +1,55 @@
-"""A growable table of quantized nodes (one per node kind): levels, codes, float latent, version."""
+"""A growable table of quantized nodes (one per node kind): packed rows, float latent, version."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from gnaq_stream.quant.packing import pack_rows, round_levels, unpack_rows
+from gnaq_stream.quant.packing import pack_rows, round_levels, row_bytes, unpack_rows
 from gnaq_stream.quant.quantizer import dequantize, init_from_embedding
 
-LOAD_CHUNK = 1 << 16  # rows dequantised at a time when a table is loaded
+CHUNK = 1 << 16  # rows unpacked at a time over the whole table: no full-table temporaries but the result
 
 
 class NodeTable:
     """Rows 0..n-1 hold nodes; capacity grows by a quarter as nodes arrive, so appends stay amortised
     O(1) with at most a quarter of the table unused.
 
+    `rows` hold each node's codes and levels in the stored row format (quant.packing: 20 bytes at dim
+    64, 2 bits, fp8 levels, where unpacked codes and float32 levels take 80), so memory equals what
+    is stored: levels are rounded to their dtype whenever they are written.
+
     `latent` is the training-time float shadow of each node (offline `gnaq` keeps the same one); it is
     not stored: a table loaded from packed rows starts with latent = dequantised embedding. It is held
-    in float16 (half the table's memory; training steps of ~1e-3 stay far above its resolution) and
-    trained in float32. `mean` is
-    the mean float embedding of the nodes, kept as a running mean of what was appended (the prior of
-    a new node without neighbours); whoever dequantises the whole table may set it exactly.
+    in float16 (training steps of ~1e-3 stay far above its resolution) and trained in float32. `mean`
+    is the mean float embedding of the nodes, kept as a running mean of what was appended (the prior
+    of a new node without neighbours); whoever dequantises the whole table may set it exactly.
     """
 
     def __init__(self, dim: int, bits: int, level_dtype: str, capacity: int = 1024):
         self.dim, self.bits, self.level_dtype = dim, bits, level_dtype
         self.n = 0
-        self.levels = torch.zeros(capacity, 1 << bits)
-        self.codes = torch.zeros(capacity, dim, dtype=torch.uint8)
+        self.rows = np.zeros((capacity, row_bytes(dim, bits, level_dtype)), dtype=np.uint8)
         self.latent = torch.zeros(capacity, dim, dtype=torch.half)
         self.version = np.zeros(capacity, dtype=np.int64)
         self.mean = torch.zeros(dim)
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held, capacity included."""
+        return self.rows.nbytes + self.latent.nbytes + self.version.nbytes
+
     def _reserve(self, n: int) -> None:
-        cap = self.levels.shape[0]
+        cap = len(self.rows)
         if n <= cap:
             return
         new_cap = max(n, cap + cap // 4)
-        for name in ("levels", "codes", "latent"):
-            old = getattr(self, name)
-            grown = torch.zeros((new_cap, *old.shape[1:]), dtype=old.dtype)
-            grown[:cap] = old
-            setattr(self, name, grown)
+        grown = np.zeros((new_cap, self.rows.shape[1]), dtype=np.uint8)
+        grown[:cap] = self.rows
+        self.rows = grown
+        latent = torch.zeros(new_cap, self.dim, dtype=torch.half)
+        latent[:cap] = self.latent
+        self.latent = latent
         self.version = np.concatenate([self.version, np.zeros(new_cap - cap, dtype=np.int64)])
 
     def append(self, embeddings: torch.Tensor, version: int) -> np.ndarray:
@@ -50,8 +58,7 @@ class NodeTable:
         self._reserve(self.n + k)
         idx = np.arange(self.n, self.n + k)
         levels, codes = init_from_embedding(embeddings, self.bits)
-        self.levels[self.n:self.n + k] = round_levels(levels, self.level_dtype)
-        self.codes[self.n:self.n + k] = codes
+        self.write(idx, round_levels(levels, self.level_dtype), codes)
         self.latent[self.n:self.n + k] = embeddings
         self.version[idx] = version
         self.mean = (self.mean * self.n + embeddings.sum(0)) / (self.n + k) if k else self.mean
@@ -60,37 +67,43 @@ class NodeTable:
 
     def load_rows(self, rows: np.ndarray, versions: np.ndarray) -> None:
         """Replace the table with packed rows (the store's and checkpoint's format)."""
-        codes, levels = unpack_rows(rows, self.dim, self.bits, self.level_dtype)
-        self.load(codes, levels, versions)
-
-    def load(self, codes: np.ndarray, levels: torch.Tensor, versions: np.ndarray) -> None:
-        """Replace the table with unpacked codes and levels."""
         self.n = 0
-        self._reserve(len(codes))
-        self.n = len(codes)
-        self.levels[:self.n] = levels
-        self.codes[:self.n] = torch.from_numpy(codes)
+        self._reserve(len(rows))
+        self.n = len(rows)
+        self.rows[:self.n] = rows
         self.version[:self.n] = versions
         total = torch.zeros(self.dim, dtype=torch.float64)
-        for start in range(0, self.n, LOAD_CHUNK):  # in slices: no full-table float temporaries (a restart)
-            rows = slice(start, min(start + LOAD_CHUNK, self.n))
-            x = dequantize(self.levels[rows], self.codes[rows])
-            self.latent[rows] = x
+        for start in range(0, self.n, CHUNK):  # in slices: no full-table float temporaries (a restart)
+            part = np.arange(start, min(start + CHUNK, self.n))
+            x = self.embeddings(part)
+            self.latent[start:start + len(part)] = x
             total += x.sum(0, dtype=torch.float64)
         self.mean = (total / max(self.n, 1)).float()
 
+    def load(self, codes: np.ndarray, levels: torch.Tensor, versions: np.ndarray) -> None:
+        """Replace the table with unpacked codes and levels (levels as their dtype stores them)."""
+        self.load_rows(pack_rows(codes, levels, self.bits, self.level_dtype), versions)
+
     def embeddings(self, idx: np.ndarray | None = None) -> torch.Tensor:
         """Dequantised layer-0 embeddings (all nodes when idx is None)."""
-        if idx is None:
-            return dequantize(self.levels[:self.n], self.codes[:self.n])
-        levels, codes = self._rows(idx)
-        return dequantize(levels, codes)
+        if idx is not None:
+            return dequantize(*self.levels_codes(idx))
+        out = torch.empty(self.n, self.dim)
+        for start in range(0, self.n, CHUNK):
+            part = np.arange(start, min(start + CHUNK, self.n))
+            out[start:start + len(part)] = dequantize(*self.levels_codes(part))
+        return out
 
     def packed(self, idx: np.ndarray) -> np.ndarray:
-        levels, codes = self._rows(idx)
-        return pack_rows(codes.numpy(), levels, self.bits, self.level_dtype)
+        """Stored rows of these nodes."""
+        return self.rows.take(np.asarray(idx, dtype=np.int64), axis=0)
 
-    def _rows(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Levels and codes of these nodes; index_select is several times faster than [idx] on CPU."""
-        rows = torch.from_numpy(np.asarray(idx, dtype=np.int64))
-        return self.levels.index_select(0, rows), self.codes.index_select(0, rows)
+    def levels_codes(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 levels and uint8 codes of these nodes."""
+        codes, levels = unpack_rows(self.packed(idx), self.dim, self.bits, self.level_dtype)
+        return levels, torch.from_numpy(codes)
+
+    def write(self, idx: np.ndarray, levels: torch.Tensor, codes: torch.Tensor) -> None:
+        """Set these nodes' levels (already rounded to the level dtype: packing rounds to nearest) and
+        codes."""
+        self.rows[np.asarray(idx, dtype=np.int64)] = pack_rows(codes.numpy(), levels, self.bits, self.level_dtype)

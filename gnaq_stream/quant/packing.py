@@ -136,6 +136,11 @@ def quantize_rows(embeddings: torch.Tensor, bits: int, level_dtype: str) -> np.n
     return pack_rows(codes.numpy(), round_levels(levels, level_dtype), bits, level_dtype)
 
 
+# the codes a byte holds at 1, 2, 4 and 8 bits, lowest bits first: byte value -> 8 / bits codes
+_BYTE_CODES = {bits: ((np.arange(256)[:, None] >> (np.arange(8 // bits) * bits)) & ((1 << bits) - 1)).astype(np.uint8)
+               for bits in (1, 2, 4, 8)}
+
+
 def unpack_rows(rows: np.ndarray, dim: int, bits: int, level_dtype: str) -> tuple[np.ndarray, torch.Tensor]:
     """Inverse of `pack_rows`: (N, D) uint8 codes and (N, 2^n) float32 levels."""
     check_bits(bits)
@@ -144,10 +149,15 @@ def unpack_rows(rows: np.ndarray, dim: int, bits: int, level_dtype: str) -> tupl
     cb = code_bytes(dim, bits)
     if rows.shape[1] != row_bytes(dim, bits, level_dtype):
         raise ValueError(f"row of {rows.shape[1]} bytes, expected {row_bytes(dim, bits, level_dtype)}")
-    bit_planes = np.unpackbits(rows[:, :cb], axis=1, bitorder="little")[:, : dim * bits].reshape(n, dim, bits)
-    codes = bit_planes[:, :, 0].copy()
-    for b in range(1, bits):  # one pass per bit: a sum over the short last axis was ~10x slower
-        codes |= bit_planes[:, :, b] << b
+    if n == 0:  # (a view of no bytes as wider levels is refused)
+        return np.zeros((0, dim), dtype=np.uint8), torch.zeros(0, 1 << bits)
+    if bits in _BYTE_CODES:  # codes never straddle a byte: one table lookup per byte
+        codes = np.ascontiguousarray(_BYTE_CODES[bits][rows[:, :cb]].reshape(n, cb * 8 // bits)[:, :dim])
+    else:
+        bit_planes = np.unpackbits(rows[:, :cb], axis=1, bitorder="little")[:, : dim * bits].reshape(n, dim, bits)
+        codes = bit_planes[:, :, 0].copy()
+        for b in range(1, bits):  # one pass per bit: a sum over the short last axis was ~10x slower
+            codes |= bit_planes[:, :, b] << b
     level_raw = torch.from_numpy(rows[:, cb:].copy())
     levels = level_raw.view(check_level_dtype(level_dtype)).reshape(n, 1 << bits).to(torch.float32)
     return codes, levels

@@ -42,8 +42,8 @@ class Consolidator:
         nu, ni = graph.n_users, graph.n_items
         self.adj = graph.normalized_adjacency()
         self.edge_users, self.edge_items = graph.edge_arrays()
-        embedding = QuantizedEmbedding(torch.cat([users.levels[:nu], items.levels[:ni]]),
-                                       torch.cat([users.codes[:nu], items.codes[:ni]]),
+        (levels_u, codes_u), (levels_i, codes_i) = users.levels_codes(np.arange(nu)), items.levels_codes(np.arange(ni))
+        embedding = QuantizedEmbedding(torch.cat([levels_u, levels_i]), torch.cat([codes_u, codes_i]),
                                        torch.cat([users.latent[:nu], items.latent[:ni]]).float(),
                                        cfg.bits, METHODS["gnaq"], cfg.rau_alpha, cfg.rau_half_degree)
         self.model = Recommender(nu, ni, embedding, cfg.n_layers)
@@ -75,6 +75,6 @@ class Consolidator:
         nu, ni = self.model.n_users, self.model.n_items
         emb = self.model.embedding
         stored, latent = emb.stored_levels(self.cfg.level_dtype), emb.latent.detach()
-        users.levels[:nu], items.levels[:ni] = stored[:nu], stored[nu:]
+        users.write(np.arange(nu), stored[:nu], emb.codes[:nu])
+        items.write(np.arange(ni), stored[nu:], emb.codes[nu:])
         users.latent[:nu], items.latent[:ni] = latent[:nu], latent[nu:]
-        users.codes[:nu], items.codes[:ni] = emb.codes[:nu], emb.codes[nu:]

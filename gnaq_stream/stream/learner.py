@@ -5,12 +5,16 @@ refinement pass on the touched nodes (with `refine_steps` > 0; off by default, d
 It uses the offline model's pieces unchanged: the same propagation, losses, quantizer
 initialisation and RAU code rule.
 
-Refinement scores the batch with the full graph's propagation as context: at each refresh (every
-`refresh_seconds` at most) the learner keeps, per node, its final embedding minus its own layer-0
-share (`context`) and its 1-hop neighbour aggregate; a touched node's final embedding during
-refinement is `context + layer0 / (L + 1)`. Measured on the yelp2018 replay, this ranked better
-than propagating over a sampled subgraph (whose truncated neighbourhoods mis-scale every final
-embedding) and costs a fraction of it (docs/benchmarks.md).
+Refinement scores the batch with the full graph's propagation as context: a node's final embedding
+is `context + layer0 / (L + 1)`, the context being what its neighbourhood adds. At each refresh
+(every `refresh_seconds` at most) the learner keeps, per item, its context, its 1-hop neighbour
+aggregate and its sum of layers 0..L-1 (`item_inner`). Users hold none of these (they are most of
+the nodes): a user's context is its items' `item_inner` rows weighted as in the normalised
+adjacency, and its aggregate its items' layer-0 rows weighted the same way, both computed when
+needed from the user's current edges (exactly the propagation's at the refresh, and fresher after:
+a user's new items count at once). Measured on the yelp2018 replay, scoring with the propagation's
+context ranked better than propagating over a sampled subgraph (whose truncated neighbourhoods
+mis-scale every final embedding) and costs a fraction of it (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from gnaq_stream.store.embedding_store import ChangeSet, NodeRows, StoredState
 from gnaq_stream.stream.consolidation import Consolidator
 from gnaq_stream.train.trainer import NegativeSampler, ranking_loss
 
+
+USER_CHUNK = 1 << 16  # users whose final embeddings are computed at a time (final_users)
 
 # glibc keeps the pages a propagation's transient arrays free (the peak is ~2.3x the steady RSS at
 # 10M edges) unless told to give them back; other C libraries have no such call
@@ -100,9 +106,11 @@ class StreamLearner:
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.final_items_t = torch.zeros(cfg.dim, 0)  # items' final embeddings, column-wise for scoring
-        self.context = Int8Rows(torch.zeros(0, cfg.dim))  # users then items, as of the last refresh
+        # items', as of the last refresh (module docstring)
+        self.context = Int8Rows(torch.zeros(0, cfg.dim))
         self.aggregate = Int8Rows(torch.zeros(0, cfg.dim))
-        self.context_users = 0
+        self.item_inner = Int8Rows(torch.zeros(0, cfg.dim))
+        self.context_users = 0  # users at the last refresh
         self.refreshed_at = float("-inf")
         self.refresh_cost = 0.0  # seconds the last full propagation took
         self.publish_cost = 0.0  # seconds sending the last propagation's serving rows took (set by the publisher)
@@ -190,14 +198,16 @@ class StreamLearner:
             if len(rows):
                 table.mean = rows.mean(0)
         adj = self.graph.normalized_adjacency()
-        final, aggregate = propagate_with_aggregate(adj, layer0, self.cfg.n_layers)
-        # refinement's fixed inputs, the largest per-node state: int8 rows (docs/benchmarks.md, "Refinement
-        # that changes the stored model")
-        self.context = Int8Rows(final - layer0 / (self.cfg.n_layers + 1))
-        self.aggregate = Int8Rows(aggregate)
-        self.context_users = self.graph.n_users
-        self.final_items_t = final[self.context_users:].T.contiguous()
-        del final, aggregate, layer0, rows, adj  # freed before the trim below
+        final, aggregate, last = propagate_with_aggregate(adj, layer0, self.cfg.n_layers)
+        n_users, scale = self.users.n, self.cfg.n_layers + 1
+        # refinement's fixed inputs, items only, as int8 rows (docs/benchmarks.md, "Refinement that
+        # changes the stored model")
+        self.context = Int8Rows(final[n_users:] - layer0[n_users:] / scale)
+        self.aggregate = Int8Rows(aggregate[n_users:])
+        self.item_inner = Int8Rows(final[n_users:] * scale - last[n_users:])
+        self.context_users = n_users
+        self.final_items_t = final[n_users:].T.contiguous()
+        del final, aggregate, last, layer0, rows, adj  # freed before the trim below
         if _MALLOC_TRIM is not None:
             _MALLOC_TRIM(0)
         self.refreshed_at = time.monotonic()
@@ -308,32 +318,65 @@ class StreamLearner:
 
     @property
     def final_users(self) -> torch.Tensor:
-        """Final embeddings of the users known at the last refresh, computed now from its context and
-        their current layer-0 rows (held per user, it would be the learner's largest array)."""
-        return self.current_final(np.arange(self.context_users), np.zeros(0, dtype=np.int64))[0]
+        """Final embeddings of the users known at the last refresh, computed now from their current
+        edges and layer-0 rows (held per user, it would be the learner's largest array)."""
+        out = torch.empty(self.context_users, self.cfg.dim)
+        layer0 = self.items.embeddings()
+        inner = layer0 * self.cfg.n_layers
+        inner[:len(self.item_inner)] = self.item_inner.rows(torch.arange(len(self.item_inner)))
+        for start in range(0, self.context_users, USER_CHUNK):  # bounded temporaries: a chunk's edges
+            users = np.arange(start, min(start + USER_CHUNK, self.context_users))
+            out[start:start + len(users)] = self.current_final(users, np.zeros(0, dtype=np.int64), (inner, layer0))[0]
+        return out
 
     @torch.no_grad()
-    def current_final(self, users: np.ndarray, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final embeddings of these nodes as of now, without a full propagation: the context of the
-        last refresh plus each node's current layer-0 share (a node added since is its own
+    def current_final(self, users: np.ndarray, items: np.ndarray,
+                      item_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final embeddings of these nodes as of now, without a full propagation: their context plus
+        their current layer-0 share (an item added since the last refresh is its own
         neighbourhood-initialised embedding). What refinement trains on, and what a micro-batch
-        publishes for the nodes it touched."""
+        publishes for the nodes it touched. `item_rows`: every item's `item_inner` and layer-0 rows,
+        when the caller has them."""
         own = torch.cat([self.users.embeddings(users), self.items.embeddings(items)])
-        context, _ = self._context_rows(users, items)
+        context, _ = self._context_rows(users, items, item_rows)
         final = context + own / (self.cfg.n_layers + 1)
         return final[:len(users)], final[len(users):]
 
-    def _context_rows(self, local_u: np.ndarray, local_i: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(context, neighbour aggregate) rows of these nodes; a node added since the last refresh
-        has none yet and stands in for its own (it was initialised from its neighbourhood)."""
-        n_users = self.context_users
-        rows = np.concatenate([local_u, local_i + n_users])
-        known = np.r_[local_u < n_users, local_i < len(self.context) - n_users]
-        own = torch.cat([self.users.embeddings(local_u), self.items.embeddings(local_i)])
+    def _context_rows(self, local_u: np.ndarray, local_i: np.ndarray,
+                      item_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, neighbour aggregate) rows of these users then items: users' from their edges,
+        items' as of the last refresh (an item added since stands in for its own: it was initialised
+        from its neighbourhood)."""
+        user_context, user_aggregate = self._user_context(local_u, item_rows)
+        own = self.items.embeddings(local_i)
         context, aggregate = own * (self.cfg.n_layers / (self.cfg.n_layers + 1)), own.clone()
-        at, pos = torch.from_numpy(rows[known]), torch.from_numpy(np.flatnonzero(known))
+        known = np.flatnonzero(local_i < len(self.context))
+        at, pos = torch.from_numpy(local_i[known]), torch.from_numpy(known)
         context.index_copy_(0, pos, self.context.rows(at))
         aggregate.index_copy_(0, pos, self.aggregate.rows(at))
+        return torch.cat([user_context, context]), torch.cat([user_aggregate, aggregate])
+
+    def _user_context(self, users: np.ndarray,
+                      item_rows: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context and 1-hop aggregate of these users from all their current edges: each item's
+        `item_inner` resp. layer-0 row weighted by 1 / sqrt(user degree * item degree), the context over
+        L + 1. An item added since the last refresh passes on its own row L times (its layers 1..L-1
+        are not known yet)."""
+        g, n_layers = self.graph, self.cfg.n_layers
+        owner, neighbours = g.items_of_users(users)
+        weight = torch.from_numpy(1.0 / np.sqrt(g.user_degrees(users)[owner] * g.item_degrees(neighbours)))
+        weight = weight.float().unsqueeze(1)
+        at = torch.from_numpy(neighbours)
+        if item_rows is None:
+            layer0 = self.items.embeddings(neighbours)
+            inner = layer0 * n_layers
+            known = np.flatnonzero(neighbours < len(self.item_inner))
+            inner.index_copy_(0, torch.from_numpy(known), self.item_inner.rows(at[known]))
+        else:
+            inner, layer0 = item_rows[0].index_select(0, at), item_rows[1].index_select(0, at)
+        rows = torch.from_numpy(owner)
+        context = torch.zeros(len(users), self.cfg.dim).index_add_(0, rows, inner * weight) / (n_layers + 1)
+        aggregate = torch.zeros(len(users), self.cfg.dim).index_add_(0, rows, layer0 * weight)
         return context, aggregate
 
     def _refine(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -349,10 +392,9 @@ class StreamLearner:
         n_u = len(local_u)
         context, aggregate = self._context_rows(local_u, local_i)
         rows_u, rows_i = torch.from_numpy(local_u), torch.from_numpy(local_i)
-        levels, latent, codes = (torch.cat([getattr(self.users, name).index_select(0, rows_u),
-                                            getattr(self.items, name).index_select(0, rows_i)])
-                                 for name in ("levels", "latent", "codes"))
-        latent = latent.float()
+        (levels_u, codes_u), (levels_i, codes_i) = self.users.levels_codes(local_u), self.items.levels_codes(local_i)
+        levels, codes = torch.cat([levels_u, levels_i]), torch.cat([codes_u, codes_i])
+        latent = torch.cat([self.users.latent.index_select(0, rows_u), self.items.latent.index_select(0, rows_i)]).float()
         levels_before = levels.clone()
         levels.requires_grad_()
         latent.requires_grad_()
@@ -380,9 +422,8 @@ class StreamLearner:
             mix = neighbour_trust(degree, cfg.rau_alpha, cfg.rau_half_degree)
             new_codes = rau_codes(latent, aggregate, stored_levels, mix)
             for table, rows, sl in ((self.users, rows_u, slice(0, n_u)), (self.items, rows_i, slice(n_u, None))):
-                table.levels.index_copy_(0, rows, stored_levels[sl])
+                table.write(rows.numpy(), stored_levels[sl], new_codes[sl])
                 table.latent.index_copy_(0, rows, latent.detach()[sl].half())
-                table.codes.index_copy_(0, rows, new_codes[sl])
             # most steps move levels by less than the storage dtype resolves and leave the codes: only
             # rows whose stored bytes changed are reported (~1 in 5 on gowalla), so only they are written
             stored = ((stored_levels != levels_before).any(1) | (new_codes != codes).any(1)).numpy()
