@@ -4,7 +4,8 @@ Refinement moves a node's levels by ~`refine_lr` per step; stored as fp8, levels
 are more than 2 x that apart, so rounding to nearest returned most of them unchanged. The learner
 now rounds refined levels stochastically (`quant.packing.round_levels` with a generator: unbiased).
 This streams a dataset's test interactions (time order, micro-batches of `--batch`) through
-`StreamLearner.apply_micro_batch` from one `gnaq` checkpoint, once per rounding and seed, and reports
+`StreamLearner.apply_micro_batch` from one `gnaq` checkpoint with refinement on (`refine_steps` 1; the
+learner's default is off), once per rounding and seed, and reports
 the mechanism (stored rows rewritten per event: rows whose bytes a batch changed; at the end,
 share of levels and of codes that differ from the checkpoint's) and prequential Recall@20 / NDCG@20 (every test event
 ranked before it is learned). Writes section `refine_rounding` of docs/benchmarks.md.
@@ -43,7 +44,8 @@ def nearest(levels: torch.Tensor, level_dtype: str, generator: torch.Generator |
 def run(ckpt, events: list[Event], rounding: str, seed: int, batch: int) -> dict:
     learner_module.round_levels = nearest if rounding == "nearest" else packing.round_levels
     # a full propagation before every batch, so each event is ranked by the model refined so far
-    cfg = LearnerConfig(seed=seed, consolidate_pairs_per_event=0.0, refresh_seconds=0.0, refresh_max_share=1.0)
+    cfg = LearnerConfig(seed=seed, refine_steps=1, consolidate_pairs_per_event=0.0, refresh_seconds=0.0,
+                        refresh_max_share=1.0)
     learner = StreamLearner.from_checkpoint(ckpt, cfg)
     tables = (learner.users, learner.items)
     start = [t.levels_codes(np.arange(t.n)) for t in tables]
@@ -94,9 +96,9 @@ def report(args, rows: list[dict], n_events: int) -> str:
 
     lines = ["## Refinement that changes the stored model (`benchmarks/refine_rounding.py`)\n",
              f"{args.dataset}: its {n_events:,} test interactions streamed in time order (micro-batches of "
-             f"{args.batch}) through `apply_micro_batch` from one `gnaq` checkpoint (2 bits, fp8 levels), default "
-             f"refinement, no consolidation, a full propagation before every batch; mean ± std over {args.seeds} "
-             "seeds. Recall/NDCG: every event ranked before it is learned, by the model refined so far.\n",
+             f"{args.batch}) through `apply_micro_batch` from one `gnaq` checkpoint (2 bits, fp8 levels), "
+             "refinement on (one step per batch), no consolidation, a full propagation before every batch; mean ± "
+             f"std over {args.seeds} seeds. Recall/NDCG: every event ranked before it is learned, by the model refined so far.\n",
              "| levels rounded | stored rows rewritten per event | levels changed at the end (%) | "
              "codes changed at the end (%) | Recall@20 | NDCG@20 |", "|---|---|---|---|---|---|"]
     for variant in ("nearest", "stochastic"):

@@ -1,10 +1,11 @@
-"""A growable table of quantized nodes (one per node kind): packed rows, float latent, version."""
+"""A growable table of quantized nodes (one per node kind): packed rows, training latent, version."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from gnaq_stream.quant.int8_rows import Int8Rows
 from gnaq_stream.quant.packing import pack_rows, round_levels, row_bytes, unpack_rows
 from gnaq_stream.quant.quantizer import dequantize, init_from_embedding
 
@@ -19,25 +20,27 @@ class NodeTable:
     64, 2 bits, fp8 levels, where unpacked codes and float32 levels take 80), so memory equals what
     is stored: levels are rounded to their dtype whenever they are written.
 
-    `latent` is the training-time float shadow of each node (offline `gnaq` keeps the same one); it is
-    not stored: a table loaded from packed rows starts with latent = dequantised embedding. It is held
-    in float16 (training steps of ~1e-3 stay far above its resolution) and trained in float32. `mean`
-    is the mean float embedding of the nodes, kept as a running mean of what was appended (the prior
-    of a new node without neighbours); whoever dequantises the whole table may set it exactly.
+    The latent is the training-time float shadow of each node (offline `gnaq` keeps the same one); it
+    is not stored: a table loaded from packed rows starts with latent = dequantised embedding. It is
+    held as its difference from the node's dequantised row, in int8 rows (68 bytes at dim 64 where
+    float16 took 128): that difference is about a level spacing at most, so its resolution (1/254 of
+    the row's largest difference) stays well under a training step. `mean` is the mean float
+    embedding of the nodes, kept as a running mean of what was appended (the prior of a new node
+    without neighbours); whoever dequantises the whole table may set it exactly.
     """
 
     def __init__(self, dim: int, bits: int, level_dtype: str, capacity: int = 1024):
         self.dim, self.bits, self.level_dtype = dim, bits, level_dtype
         self.n = 0
         self.rows = np.zeros((capacity, row_bytes(dim, bits, level_dtype)), dtype=np.uint8)
-        self.latent = torch.zeros(capacity, dim, dtype=torch.half)
+        self.residual = Int8Rows(torch.zeros(capacity, dim))  # latent - dequantised row
         self.version = np.zeros(capacity, dtype=np.int64)
         self.mean = torch.zeros(dim)
 
     @property
     def nbytes(self) -> int:
         """Memory held, capacity included."""
-        return self.rows.nbytes + self.latent.nbytes + self.version.nbytes
+        return self.rows.nbytes + self.residual.nbytes + self.version.nbytes
 
     def _reserve(self, n: int) -> None:
         cap = len(self.rows)
@@ -47,9 +50,7 @@ class NodeTable:
         grown = np.zeros((new_cap, self.rows.shape[1]), dtype=np.uint8)
         grown[:cap] = self.rows
         self.rows = grown
-        latent = torch.zeros(new_cap, self.dim, dtype=torch.half)
-        latent[:cap] = self.latent
-        self.latent = latent
+        self.residual.grow(new_cap)
         self.version = np.concatenate([self.version, np.zeros(new_cap - cap, dtype=np.int64)])
 
     def append(self, embeddings: torch.Tensor, version: int) -> np.ndarray:
@@ -58,8 +59,7 @@ class NodeTable:
         self._reserve(self.n + k)
         idx = np.arange(self.n, self.n + k)
         levels, codes = init_from_embedding(embeddings, self.bits)
-        self.write(idx, round_levels(levels, self.level_dtype), codes)
-        self.latent[self.n:self.n + k] = embeddings
+        self.write(idx, round_levels(levels, self.level_dtype), codes, embeddings)
         self.version[idx] = version
         self.mean = (self.mean * self.n + embeddings.sum(0)) / (self.n + k) if k else self.mean
         self.n += k
@@ -72,12 +72,10 @@ class NodeTable:
         self.n = len(rows)
         self.rows[:self.n] = rows
         self.version[:self.n] = versions
+        self.residual.write(slice(0, self.n), torch.zeros(self.n, self.dim))
         total = torch.zeros(self.dim, dtype=torch.float64)
         for start in range(0, self.n, CHUNK):  # in slices: no full-table float temporaries (a restart)
-            part = np.arange(start, min(start + CHUNK, self.n))
-            x = self.embeddings(part)
-            self.latent[start:start + len(part)] = x
-            total += x.sum(0, dtype=torch.float64)
+            total += self.embeddings(np.arange(start, min(start + CHUNK, self.n))).sum(0, dtype=torch.float64)
         self.mean = (total / max(self.n, 1)).float()
 
     def load(self, codes: np.ndarray, levels: torch.Tensor, versions: np.ndarray) -> None:
@@ -103,7 +101,15 @@ class NodeTable:
         codes, levels = unpack_rows(self.packed(idx), self.dim, self.bits, self.level_dtype)
         return levels, torch.from_numpy(codes)
 
-    def write(self, idx: np.ndarray, levels: torch.Tensor, codes: torch.Tensor) -> None:
-        """Set these nodes' levels (already rounded to the level dtype: packing rounds to nearest) and
-        codes."""
-        self.rows[np.asarray(idx, dtype=np.int64)] = pack_rows(codes.numpy(), levels, self.bits, self.level_dtype)
+    def training_rows(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Float32 levels, uint8 codes and float32 training latent of these nodes."""
+        levels, codes = self.levels_codes(idx)
+        difference = self.residual.rows(torch.from_numpy(np.asarray(idx, dtype=np.int64)))
+        return levels, codes, dequantize(levels, codes) + difference
+
+    def write(self, idx: np.ndarray, levels: torch.Tensor, codes: torch.Tensor, latent: torch.Tensor) -> None:
+        """Set these nodes' levels (already rounded to the level dtype: packing rounds to nearest),
+        codes and latent."""
+        idx = np.asarray(idx, dtype=np.int64)
+        self.rows[idx] = pack_rows(codes.numpy(), levels, self.bits, self.level_dtype)
+        self.residual.write(torch.from_numpy(idx), latent.detach().float() - dequantize(levels, codes))

@@ -42,9 +42,9 @@ class Consolidator:
         nu, ni = graph.n_users, graph.n_items
         self.adj = graph.normalized_adjacency()
         self.edge_users, self.edge_items = graph.edge_arrays()
-        (levels_u, codes_u), (levels_i, codes_i) = users.levels_codes(np.arange(nu)), items.levels_codes(np.arange(ni))
-        embedding = QuantizedEmbedding(torch.cat([levels_u, levels_i]), torch.cat([codes_u, codes_i]),
-                                       torch.cat([users.latent[:nu], items.latent[:ni]]).float(),
+        levels, codes, latent = (torch.cat(pair) for pair in zip(users.training_rows(np.arange(nu)),
+                                                                 items.training_rows(np.arange(ni))))
+        embedding = QuantizedEmbedding(levels, codes, latent,
                                        cfg.bits, METHODS["gnaq"], cfg.rau_alpha, cfg.rau_half_degree)
         self.model = Recommender(nu, ni, embedding, cfg.n_layers)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.consolidate_lr)
@@ -75,6 +75,5 @@ class Consolidator:
         nu, ni = self.model.n_users, self.model.n_items
         emb = self.model.embedding
         stored, latent = emb.stored_levels(self.cfg.level_dtype), emb.latent.detach()
-        users.write(np.arange(nu), stored[:nu], emb.codes[:nu])
-        items.write(np.arange(ni), stored[nu:], emb.codes[nu:])
-        users.latent[:nu], items.latent[:ni] = latent[:nu], latent[nu:]
+        users.write(np.arange(nu), stored[:nu], emb.codes[:nu], latent[:nu])
+        items.write(np.arange(ni), stored[nu:], emb.codes[nu:], latent[nu:])

@@ -34,6 +34,7 @@ from gnaq_stream.data.events import Event
 from gnaq_stream.errors import CheckpointError
 from gnaq_stream.graph.interaction_graph import InteractionGraph
 from gnaq_stream.model.lightgcn import propagate_with_aggregate
+from gnaq_stream.quant.int8_rows import Int8Rows
 from gnaq_stream.quant.node_table import NodeTable
 from gnaq_stream.quant.packing import round_levels
 from gnaq_stream.quant.quantizer import dequantize, neighbour_trust, rau_codes
@@ -47,32 +48,6 @@ USER_CHUNK = 1 << 16  # users whose final embeddings are computed at a time (fin
 # glibc keeps the pages a propagation's transient arrays free (the peak is ~2.3x the steady RSS at
 # 10M edges) unless told to give them back; other C libraries have no such call
 _MALLOC_TRIM = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
-
-
-class Int8Rows:
-    """Float rows held as int8 with one float32 scale per row (68 bytes a row at dim 64, float16's 128):
-    a row's rounding error is at most 1/254 of its largest value."""
-
-    CHUNK = 1 << 16  # rows quantised at a time: the float temporaries stay in cache (~2x faster at 1.4M rows)
-
-    def __init__(self, x: torch.Tensor):
-        self.scale = torch.empty(len(x))
-        self.values = torch.empty(x.shape, dtype=torch.int8)
-        for start in range(0, len(x), self.CHUNK):
-            part = slice(start, start + self.CHUNK)
-            self.scale[part] = x[part].abs().amax(1) / 127
-            self.values[part] = torch.round(x[part] / self.scale[part].clamp_min(1e-30)[:, None]).to(torch.int8)
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    @property
-    def nbytes(self) -> int:
-        return self.values.nbytes + self.scale.nbytes
-
-    def rows(self, at: torch.Tensor) -> torch.Tensor:
-        """These rows in float32 (index_select: ~4x faster than [at])."""
-        return self.values.index_select(0, at).float() * self.scale.index_select(0, at)[:, None]
 
 
 @dataclass
@@ -324,60 +299,67 @@ class StreamLearner:
         layer0 = self.items.embeddings()
         inner = layer0 * self.cfg.n_layers
         inner[:len(self.item_inner)] = self.item_inner.rows(torch.arange(len(self.item_inner)))
+        item_rows = torch.cat([inner, layer0], 1)
         for start in range(0, self.context_users, USER_CHUNK):  # bounded temporaries: a chunk's edges
             users = np.arange(start, min(start + USER_CHUNK, self.context_users))
-            out[start:start + len(users)] = self.current_final(users, np.zeros(0, dtype=np.int64), (inner, layer0))[0]
+            out[start:start + len(users)] = self.current_final(users, np.zeros(0, dtype=np.int64), item_rows)[0]
         return out
 
     @torch.no_grad()
     def current_final(self, users: np.ndarray, items: np.ndarray,
-                      item_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      item_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Final embeddings of these nodes as of now, without a full propagation: their context plus
         their current layer-0 share (an item added since the last refresh is its own
         neighbourhood-initialised embedding). What refinement trains on, and what a micro-batch
-        publishes for the nodes it touched. `item_rows`: every item's `item_inner` and layer-0 rows,
-        when the caller has them."""
+        publishes for the nodes it touched. `item_rows`: every item's `item_inner` and layer-0 rows side
+        by side, when the caller has them."""
         own = torch.cat([self.users.embeddings(users), self.items.embeddings(items)])
         context, _ = self._context_rows(users, items, item_rows)
         final = context + own / (self.cfg.n_layers + 1)
         return final[:len(users)], final[len(users):]
 
     def _context_rows(self, local_u: np.ndarray, local_i: np.ndarray,
-                      item_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      item_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(context, neighbour aggregate) rows of these users then items: users' from their edges,
         items' as of the last refresh (an item added since stands in for its own: it was initialised
         from its neighbourhood)."""
         user_context, user_aggregate = self._user_context(local_u, item_rows)
-        own = self.items.embeddings(local_i)
-        context, aggregate = own * (self.cfg.n_layers / (self.cfg.n_layers + 1)), own.clone()
-        known = np.flatnonzero(local_i < len(self.context))
-        at, pos = torch.from_numpy(local_i[known]), torch.from_numpy(known)
+        context, aggregate = torch.empty(len(local_i), self.cfg.dim), torch.empty(len(local_i), self.cfg.dim)
+        known = local_i < len(self.context)
+        at, pos = torch.from_numpy(local_i[known]), torch.from_numpy(np.flatnonzero(known))
         context.index_copy_(0, pos, self.context.rows(at))
         aggregate.index_copy_(0, pos, self.aggregate.rows(at))
+        if not known.all():
+            own, pos = self.items.embeddings(local_i[~known]), torch.from_numpy(np.flatnonzero(~known))
+            context.index_copy_(0, pos, own * (self.cfg.n_layers / (self.cfg.n_layers + 1)))
+            aggregate.index_copy_(0, pos, own)
         return torch.cat([user_context, context]), torch.cat([user_aggregate, aggregate])
 
-    def _user_context(self, users: np.ndarray,
-                      item_rows: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _user_context(self, users: np.ndarray, item_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Context and 1-hop aggregate of these users from all their current edges: each item's
         `item_inner` resp. layer-0 row weighted by 1 / sqrt(user degree * item degree), the context over
         L + 1. An item added since the last refresh passes on its own row L times (its layers 1..L-1
         are not known yet)."""
-        g, n_layers = self.graph, self.cfg.n_layers
+        g, n_layers, dim = self.graph, self.cfg.n_layers, self.cfg.dim
         owner, neighbours = g.items_of_users(users)
-        weight = torch.from_numpy(1.0 / np.sqrt(g.user_degrees(users)[owner] * g.item_degrees(neighbours)))
-        weight = weight.float().unsqueeze(1)
-        at = torch.from_numpy(neighbours)
-        if item_rows is None:
-            layer0 = self.items.embeddings(neighbours)
+        if item_rows is None:  # each distinct item's rows once (the batch's users share popular items)
+            distinct, slot = np.unique(neighbours, return_inverse=True)
+            layer0 = self.items.embeddings(distinct)
             inner = layer0 * n_layers
-            known = np.flatnonzero(neighbours < len(self.item_inner))
-            inner.index_copy_(0, torch.from_numpy(known), self.item_inner.rows(at[known]))
+            known = distinct < len(self.item_inner)
+            inner[torch.from_numpy(known)] = self.item_inner.rows(torch.from_numpy(distinct[known]))
+            item_rows = torch.cat([inner, layer0], 1)
         else:
-            inner, layer0 = item_rows[0].index_select(0, at), item_rows[1].index_select(0, at)
-        rows = torch.from_numpy(owner)
-        context = torch.zeros(len(users), self.cfg.dim).index_add_(0, rows, inner * weight) / (n_layers + 1)
-        aggregate = torch.zeros(len(users), self.cfg.dim).index_add_(0, rows, layer0 * weight)
-        return context, aggregate
+            slot = neighbours
+        weight = torch.from_numpy(1.0 / np.sqrt(g.user_degrees(users)[owner] * g.item_degrees(neighbours))).float()
+        # the users' rows of the normalised adjacency (owner is grouped by user): one sparse product
+        # sums both kinds of rows, faster than gathering them per edge
+        row_starts = np.zeros(len(users) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(owner, minlength=len(users)), out=row_starts[1:])
+        adj = torch.sparse_csr_tensor(torch.from_numpy(row_starts), torch.from_numpy(slot.astype(np.int64)), weight,
+                                      size=(len(users), len(item_rows)))
+        both = torch.sparse.mm(adj, item_rows)
+        return both[:, :dim] / (n_layers + 1), both[:, dim:]
 
     def _refine(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """A few optimiser steps on BPR + LambdaLoss over the batch's interactions, levels and latent
@@ -391,10 +373,8 @@ class StreamLearner:
         local_i = np.unique(np.concatenate([items, negatives.ravel()]))
         n_u = len(local_u)
         context, aggregate = self._context_rows(local_u, local_i)
-        rows_u, rows_i = torch.from_numpy(local_u), torch.from_numpy(local_i)
-        (levels_u, codes_u), (levels_i, codes_i) = self.users.levels_codes(local_u), self.items.levels_codes(local_i)
-        levels, codes = torch.cat([levels_u, levels_i]), torch.cat([codes_u, codes_i])
-        latent = torch.cat([self.users.latent.index_select(0, rows_u), self.items.latent.index_select(0, rows_i)]).float()
+        levels, codes, latent = (torch.cat(pair) for pair in zip(self.users.training_rows(local_u),
+                                                                 self.items.training_rows(local_i)))
         levels_before = levels.clone()
         levels.requires_grad_()
         latent.requires_grad_()
@@ -421,9 +401,8 @@ class StreamLearner:
             degree = torch.from_numpy(np.concatenate([g.user_degrees(local_u), g.item_degrees(local_i)]))
             mix = neighbour_trust(degree, cfg.rau_alpha, cfg.rau_half_degree)
             new_codes = rau_codes(latent, aggregate, stored_levels, mix)
-            for table, rows, sl in ((self.users, rows_u, slice(0, n_u)), (self.items, rows_i, slice(n_u, None))):
-                table.write(rows.numpy(), stored_levels[sl], new_codes[sl])
-                table.latent.index_copy_(0, rows, latent.detach()[sl].half())
+            for table, rows, sl in ((self.users, local_u, slice(0, n_u)), (self.items, local_i, slice(n_u, None))):
+                table.write(rows, stored_levels[sl], new_codes[sl], latent.detach()[sl])
             # most steps move levels by less than the storage dtype resolves and leave the codes: only
             # rows whose stored bytes changed are reported (~1 in 5 on gowalla), so only they are written
             stored = ((stored_levels != levels_before).any(1) | (new_codes != codes).any(1)).numpy()

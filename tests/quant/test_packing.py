@@ -25,6 +25,7 @@ def test_round_trip_every_width(bits, level_dtype):
     np.testing.assert_array_equal(codes_back, codes)
     torch.testing.assert_close(levels_back, round_levels(levels, level_dtype), rtol=0, atol=0)
     assert (levels_back - levels).abs().max() <= 0.0625 * levels.abs().max()  # e4m3: 3 mantissa bits
+    assert pack_rows(codes[:0], levels[:0], bits, level_dtype).shape == (0, rows.shape[1])
     none_codes, none_levels = unpack_rows(rows[:0], 13, bits, level_dtype)
     assert none_codes.shape == (0, 13) and none_levels.shape == (0, 1 << bits)
 

@@ -165,7 +165,9 @@ _WORKER = textwrap.dedent("""
 
 
 def test_kill_9_during_a_snapshot_loses_and_repeats_nothing(tmp_path):
-    events = _events(2000, seed=1)
+    # enough events that five killed runs (each up to its first snapshot, ~300 events, plus what
+    # runs while the kill waits) never reach the end: a run that finished would exit 0, not -9
+    events = _events(4000, seed=1)
     (tmp_path / "events.json").write_text(json.dumps(events))
     store_dir = tmp_path / "store"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}

@@ -9,7 +9,7 @@ from gnaq_stream.errors import CheckpointError, ConfigError
 from gnaq_stream.model.lightgcn import propagate
 from gnaq_stream.quant.packing import LevelRangeError
 from gnaq_stream.quant.quantizer import init_from_embedding
-from gnaq_stream.stream.learner import Int8Rows, StreamLearner
+from gnaq_stream.stream.learner import StreamLearner
 from gnaq_stream.stream.prequential import ITEM_BLOCK, PrequentialEvaluator, item_ranks
 
 CFG = LearnerConfig(dim=8, bits=2, level_dtype="fp32", refine_steps=2, refine_budget_seconds=60.0,
@@ -77,20 +77,6 @@ def test_a_users_final_embedding_counts_its_new_edges_at_once():
     torch.testing.assert_close(aggregate, torch.sparse.mm(adj, layer0)[:2])  # current rows, exact
 
 
-def test_refinement_context_is_held_as_int8_rows_within_their_rounding():
-    rows = torch.tensor([[0.5, -0.25, 0.0], [-3.0, 1.0, 2.9], [0.0, 0.0, 0.0]])
-    held = Int8Rows(rows)
-    assert held.nbytes == 3 * (3 + 4) and held.values.dtype == torch.int8  # a byte a value, a float32 scale a row
-    got = held.rows(torch.tensor([1, 0, 2]))
-    assert ((got - rows[[1, 0, 2]]).abs() <= rows[[1, 0, 2]].abs().amax(1, keepdim=True) / 254 + 1e-7).all()
-    assert got[0, 0] == -3.0 and torch.equal(got[2], torch.zeros(3))  # a row's largest value is exact
-    # quantised chunk by chunk: rows past the first chunk get their own scale the same way
-    many = torch.randn(2 * Int8Rows.CHUNK + 5, 3, generator=torch.Generator().manual_seed(0))
-    held = Int8Rows(many)
-    assert torch.equal(held.scale, many.abs().amax(1) / 127)
-    assert ((held.rows(torch.arange(len(many))) - many).abs() <= held.scale[:, None] / 2 + 1e-6).all()
-
-
 def test_a_checkpoint_with_item_biases_is_refused_not_streamed_without_them():
     model = _checkpoint()
     model.method, model.item_bias = "gnaq-paper", torch.ones(3)
@@ -124,7 +110,8 @@ def test_new_user_embedding_is_mean_of_one_and_two_hop_neighbours():
     # 1-hop: item 2; 2-hop: users of item 2 = user 1 and the new user itself (not embedded yet)
     expected = torch.stack([learner.items.embeddings(np.array([2]))[0],
                             learner.users.embeddings(np.array([1]))[0]]).mean(0)
-    torch.testing.assert_close(learner.users.latent[2].float(), expected, atol=2e-3, rtol=2e-3)  # held in float16
+    latent = learner.users.training_rows(np.array([2]))[2][0]
+    torch.testing.assert_close(latent, expected, atol=2e-3, rtol=2e-3)  # held as an int8 difference
     levels, codes = init_from_embedding(expected.unsqueeze(0), 2)
     assert torch.equal(learner.users.levels_codes(np.array([2]))[1][0], codes[0])
 
@@ -296,7 +283,8 @@ def test_new_nodes_cost_the_same_whatever_the_size_of_the_tables(monkeypatch, at
         learner.refresh_final_embeddings(force=True)
         fresh = [Event(f"new{k}", f"item{k % 50}" if attach else f"newitem{k}", 1.0) for k in range(500)]
         costs.append(_rows_dequantised(learner, fresh, monkeypatch))
-        assert learner.users.n == size + 500 and torch.isfinite(learner.users.latent[:learner.users.n]).all()
+        assert learner.users.n == size + 500
+        assert torch.isfinite(learner.users.training_rows(np.arange(learner.users.n))[2]).all()
     assert costs[0] == costs[1] and costs[0] <= 500 * (1 + cfg.neighbour_samples) * 2
 
 
@@ -304,9 +292,10 @@ def test_a_node_without_neighbours_starts_near_the_running_mean_of_its_kind():
     learner = StreamLearner(LearnerConfig(dim=8, bits=2, refine_steps=0, prequential_sample=0.0))
     learner.apply_micro_batch([Event(f"u{k}", f"i{k}", 0.0) for k in range(300)])
     mean = learner.users.embeddings().mean(0)
-    torch.testing.assert_close(learner.users.mean, learner.users.latent[:300].float().mean(0))
+    torch.testing.assert_close(learner.users.mean, learner.users.training_rows(np.arange(300))[2].mean(0))
     learner.apply_micro_batch([Event("alone", "new-item", 1.0)])
-    assert (learner.users.latent[300] - mean).abs().max() < 0.5  # the mean plus noise of scale 0.1
+    latent = learner.users.training_rows(np.array([300]))[2][0]
+    assert (latent - mean).abs().max() < 0.5  # the mean plus noise of scale 0.1
 
 
 def _stored_rows_after_one_batch(tmp_path, name, refine_steps, monkeypatch=None):
