@@ -98,7 +98,8 @@ def report(args, rows: list[dict], n_events: int) -> str:
              f"{args.dataset}: its {n_events:,} test interactions streamed in time order (micro-batches of "
              f"{args.batch}) through `apply_micro_batch` from one `gnaq` checkpoint (2 bits, fp8 levels), "
              "refinement on (one step per batch), no consolidation, a full propagation before every batch; mean ± "
-             f"std over {args.seeds} seeds. Recall/NDCG: every event ranked before it is learned, by the model refined so far.\n",
+             f"std over {args.seeds} seeds. Recall/NDCG: every event ranked before it is learned, by the model "
+             "refined so far.\n",
              "| levels rounded | stored rows rewritten per event | levels changed at the end (%) | "
              "codes changed at the end (%) | Recall@20 | NDCG@20 |", "|---|---|---|---|---|---|"]
     for variant in ("nearest", "stochastic"):
