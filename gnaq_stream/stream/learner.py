@@ -296,10 +296,7 @@ class StreamLearner:
         """Final embeddings of the users known at the last refresh, computed now from their current
         edges and layer-0 rows (held per user, it would be the learner's largest array)."""
         out = torch.empty(self.context_users, self.cfg.dim)
-        layer0 = self.items.embeddings()
-        inner = layer0 * self.cfg.n_layers
-        inner[:len(self.item_inner)] = self.item_inner.rows(torch.arange(len(self.item_inner)))
-        item_rows = torch.cat([inner, layer0], 1)
+        item_rows = self._item_rows(np.arange(self.items.n))
         for start in range(0, self.context_users, USER_CHUNK):  # bounded temporaries: a chunk's edges
             users = np.arange(start, min(start + USER_CHUNK, self.context_users))
             out[start:start + len(users)] = self.current_final(users, np.zeros(0, dtype=np.int64), item_rows)[0]
@@ -335,20 +332,25 @@ class StreamLearner:
             aggregate.index_copy_(0, pos, own)
         return torch.cat([user_context, context]), torch.cat([user_aggregate, aggregate])
 
+    def _item_rows(self, items: np.ndarray) -> torch.Tensor:
+        """These items' `item_inner` and layer-0 rows side by side: what they pass on to their users'
+        context and aggregate. An item added since the last refresh passes on its own row L times (its
+        layers 1..L-1 are not known yet)."""
+        layer0 = self.items.embeddings(items)
+        inner = layer0 * self.cfg.n_layers
+        known = items < len(self.item_inner)
+        inner[torch.from_numpy(known)] = self.item_inner.rows(torch.from_numpy(items[known]))
+        return torch.cat([inner, layer0], 1)
+
     def _user_context(self, users: np.ndarray, item_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Context and 1-hop aggregate of these users from all their current edges: each item's
-        `item_inner` resp. layer-0 row weighted by 1 / sqrt(user degree * item degree), the context over
-        L + 1. An item added since the last refresh passes on its own row L times (its layers 1..L-1
-        are not known yet)."""
-        g, n_layers, dim = self.graph, self.cfg.n_layers, self.cfg.dim
+        `item_inner` resp. layer-0 row (`_item_rows`) weighted by 1 / sqrt(user degree * item degree),
+        the context over L + 1."""
+        g, dim = self.graph, self.cfg.dim
         owner, neighbours = g.items_of_users(users)
         if item_rows is None:  # each distinct item's rows once (the batch's users share popular items)
             distinct, slot = np.unique(neighbours, return_inverse=True)
-            layer0 = self.items.embeddings(distinct)
-            inner = layer0 * n_layers
-            known = distinct < len(self.item_inner)
-            inner[torch.from_numpy(known)] = self.item_inner.rows(torch.from_numpy(distinct[known]))
-            item_rows = torch.cat([inner, layer0], 1)
+            item_rows = self._item_rows(distinct)
         else:
             slot = neighbours
         weight = torch.from_numpy(1.0 / np.sqrt(g.user_degrees(users)[owner] * g.item_degrees(neighbours))).float()
@@ -359,7 +361,7 @@ class StreamLearner:
         adj = torch.sparse_csr_tensor(torch.from_numpy(row_starts), torch.from_numpy(slot.astype(np.int64)), weight,
                                       size=(len(users), len(item_rows)))
         both = torch.sparse.mm(adj, item_rows)
-        return both[:, :dim] / (n_layers + 1), both[:, dim:]
+        return both[:, :dim] / (self.cfg.n_layers + 1), both[:, dim:]
 
     def _refine(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """A few optimiser steps on BPR + LambdaLoss over the batch's interactions, levels and latent
