@@ -72,10 +72,11 @@ class NodeTable:
         self.n = len(rows)
         self.rows[:self.n] = rows
         self.version[:self.n] = versions
-        self.residual.write(slice(0, self.n), torch.zeros(self.n, self.dim))
         total = torch.zeros(self.dim, dtype=torch.float64)
         for start in range(0, self.n, CHUNK):  # in slices: no full-table float temporaries (a restart)
-            total += self.embeddings(np.arange(start, min(start + CHUNK, self.n))).sum(0, dtype=torch.float64)
+            part = np.arange(start, min(start + CHUNK, self.n))
+            self.residual.write(slice(start, start + len(part)), torch.zeros(len(part), self.dim))  # latent = row
+            total += self.embeddings(part).sum(0, dtype=torch.float64)
         self.mean = (total / max(self.n, 1)).float()
 
     def load(self, codes: np.ndarray, levels: torch.Tensor, versions: np.ndarray) -> None:

@@ -233,7 +233,7 @@ class StreamLearner:
         trained = self.consolidator.run(pairs, seconds)
         g = self.graph
         every = (np.arange(g.n_users), np.arange(g.n_items))
-        # the rows as stored: packed once per idle period, then carried from slice to slice (only
+        # the rows as stored: copied once per idle period, then carried from slice to slice (only
         # consolidation changes the tables until the next micro-batch ends the period)
         before = self.consolidated_rows or (self.users.packed(every[0]), self.items.packed(every[1]))
         self.consolidator.write_to(self.users, self.items)
