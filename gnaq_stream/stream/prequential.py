@@ -12,6 +12,10 @@ from gnaq_stream.stream.learner import StreamLearner
 
 KS = (10, 20)
 ITEM_BLOCK = 4096  # items scored at a time: the score block stays in cache (about 2x one big matmul)
+# scored events a pass over a large catalogue gathers: a pass reads every item's final row whatever
+# the number of users scored, so a handful of users per micro-batch made it memory-bound (17% of the
+# learner's time at 460k items, py-spy); ~128 user rows make it compute-bound
+PASS_ROWS = 128
 
 
 def item_ranks(user_rows: torch.Tensor, items_t: torch.Tensor, targets: torch.Tensor, masked_rows: torch.Tensor,
@@ -59,12 +63,25 @@ class PrequentialEvaluator:
             return min(self.sample, self.max_scores_per_event / n_items)
         return self.sample
 
+    def pick(self, n_events: int, n_items: int) -> np.ndarray:
+        """Which of a micro-batch's events to score: each with probability `share`. Where the share is
+        cut for a large catalogue, the batch is scored at all only with probability
+        share * n_events / PASS_ROWS, and then its events at share / that probability: the same share
+        in expectation, in passes of ~PASS_ROWS events (batches are chosen independently of their
+        content, so the gauges are not biased)."""
+        share = self.share(n_items)
+        if share < self.sample:
+            batch_share = min(1.0, share * n_events / PASS_ROWS)
+            if self.rng.random() >= batch_share:
+                return np.zeros(0, dtype=np.int64)
+            share /= batch_share
+        return np.flatnonzero(self.rng.random(n_events) < share)
+
     @torch.no_grad()
     def score(self, learner: StreamLearner, events: list[Event]) -> None:
-        share = self.share(learner.graph.n_items)
-        if not events or share <= 0:
+        if not events or self.sample <= 0:
             return
-        picked = [events[k] for k in np.flatnonzero(self.rng.random(len(events)) < share).tolist()]
+        picked = [events[k] for k in self.pick(len(events), learner.graph.n_items).tolist()]
         if not picked:
             return
         learner.refresh_final_embeddings()

@@ -10,7 +10,7 @@ from gnaq_stream.model.lightgcn import propagate
 from gnaq_stream.quant.packing import LevelRangeError
 from gnaq_stream.quant.quantizer import init_from_embedding
 from gnaq_stream.stream.learner import StreamLearner
-from gnaq_stream.stream.prequential import ITEM_BLOCK, PrequentialEvaluator, item_ranks
+from gnaq_stream.stream.prequential import ITEM_BLOCK, PASS_ROWS, PrequentialEvaluator, item_ranks
 
 CFG = LearnerConfig(dim=8, bits=2, level_dtype="fp32", refine_steps=2, refine_budget_seconds=60.0,
                     prequential_sample=1.0)
@@ -177,6 +177,16 @@ def test_prequential_scores_before_learning():
     m = pe.metrics()
     assert m["recall@20"] == pytest.approx(0.5)
     assert 0 < m["ndcg@20"] <= 0.5
+
+
+def test_a_large_catalogue_is_scored_in_passes_of_many_events():
+    pe = PrequentialEvaluator(window=10, sample=0.02, seed=0, max_scores_per_event=1000)
+    # 500k items: share 0.002, ~10 events of a 5,000-event batch, each batch a pass over every item
+    picks = [pe.pick(5000, 500_000) for _ in range(10_000)]
+    scored, passes = sum(map(len, picks)), sum(len(p) > 0 for p in picks)
+    assert scored / (10_000 * 5000) == pytest.approx(0.002, rel=0.15)  # the same share in expectation
+    assert scored / passes == pytest.approx(PASS_ROWS, rel=0.15)  # in ~13x fewer passes
+    assert all(len(pe.pick(5000, 1000)) for _ in range(20))  # a small catalogue: every batch is scored
 
 
 def test_item_ranks_match_a_masked_full_ranking():
