@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import threading
 import time
+from collections.abc import Callable
 import uuid
 from dataclasses import dataclass, field
 
@@ -44,10 +46,27 @@ from gnaq_stream.train.trainer import NegativeSampler, ranking_loss
 
 
 USER_CHUNK = 1 << 16  # users whose final embeddings are computed at a time (final_users)
+# a full propagation that took longer than this runs next on a background thread: below it the loop's
+# stall is short, and refreshes stay in step with the batches (deterministic, where tests need it)
+BACKGROUND_REFRESH_SECONDS = 0.25
 
 # glibc keeps the pages a propagation's transient arrays free (the peak is ~2.3x the steady RSS at
 # 10M edges) unless told to give them back; other C libraries have no such call
 _MALLOC_TRIM = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
+
+
+@dataclass
+class _Propagation:
+    """What a full propagation leaves (StreamLearner.refresh_final_embeddings), as of model `version`."""
+
+    version: int
+    n_users: int
+    means: list[torch.Tensor | None]  # each kind's mean layer-0 row
+    context: Int8Rows
+    aggregate: Int8Rows
+    item_inner: Int8Rows
+    final_items_t: torch.Tensor
+    seconds: float = 0.0
 
 
 @dataclass
@@ -91,6 +110,8 @@ class StreamLearner:
         self.publish_cost = 0.0  # seconds sending the last propagation's serving rows took (set by the publisher)
         self.refreshes = 0
         self.final_version = -1  # the model version the final embeddings were propagated at
+        self._refresh: threading.Thread | None = None  # a background propagation, if one is running
+        self._refresh_result: _Propagation | BaseException | None = None  # set by its thread
         self.consolidator: Consolidator | None = None
         self.consolidated_rows: tuple[np.ndarray, np.ndarray] | None = None  # packed after the last slice
 
@@ -158,37 +179,89 @@ class StreamLearner:
 
     # ---- evaluation support -------------------------------------------------------------------
 
-    @torch.no_grad()
     def refresh_final_embeddings(self, force: bool = False) -> None:
         """Full LightGCN propagation of the whole graph, at most every `refresh_seconds`, and less
         often when it is slow: it and the publication of its rows take at most `refresh_max_share` of
         the wall time, so their cost per event stays bounded as the graph grows (the context and the
-        served rows age instead)."""
-        now = time.monotonic()
-        period = max(self.cfg.refresh_seconds, (self.refresh_cost + self.publish_cost) / self.cfg.refresh_max_share)
-        if not force and now - self.refreshed_at < period:
+        served rows age instead). One that took over BACKGROUND_REFRESH_SECONDS runs next on a
+        background thread from the graph and rows as of its start, while micro-batches go on; its
+        result is taken up by the first call after it finished. `force`: one as of now, waited for."""
+        if self._refresh is not None and (force or not self._refresh.is_alive()):
+            self._take_refresh()
+            if force and self.final_version == self.version:
+                return  # it was as of now
+        if self._refresh is not None:
             return
-        layer0 = torch.cat([self.users.embeddings(), self.items.embeddings()])
-        for table, rows in ((self.users, layer0[:self.users.n]), (self.items, layer0[self.users.n:])):
-            if len(rows):
-                table.mean = rows.mean(0)
-        adj = self.graph.normalized_adjacency()
-        final, aggregate, last = propagate_with_aggregate(adj, layer0, self.cfg.n_layers)
-        n_users, scale = self.users.n, self.cfg.n_layers + 1
+        period = max(self.cfg.refresh_seconds, (self.refresh_cost + self.publish_cost) / self.cfg.refresh_max_share)
+        if not force and time.monotonic() - self.refreshed_at < period:
+            return
+        # on this thread: what the propagation reads, as of now (fast copies of compact arrays)
+        inputs = (self.version, self.users.n, self.users.embeddings_snapshot(), self.items.embeddings_snapshot(),
+                  self.graph.adjacency_snapshot())
+        if force or self.refresh_cost <= BACKGROUND_REFRESH_SECONDS:
+            self._install(self._propagate(*inputs))
+            return
+        self._refresh_result = None
+        self._refresh = threading.Thread(target=self._propagate_in_background, args=inputs,
+                                         name="propagation", daemon=True)
+        self._refresh.start()
+
+    def _propagate_in_background(self, *inputs) -> None:
+        try:
+            self._refresh_result = self._propagate(*inputs)
+        except BaseException as exc:  # raised on the loop's thread when taken up
+            self._refresh_result = exc
+
+    def _take_refresh(self) -> None:
+        """Wait for the background propagation and install its result (raise its error)."""
+        self._refresh.join()
+        result, self._refresh, self._refresh_result = self._refresh_result, None, None
+        if isinstance(result, BaseException):
+            raise result
+        self._install(result)
+
+    @property
+    def refreshing(self) -> bool:
+        """A background propagation is running (its transient arrays are held)."""
+        return self._refresh is not None and self._refresh.is_alive()
+
+    def wait_refresh(self) -> None:
+        """Take up the background propagation, if one is running (e.g. before measuring something else)."""
+        if self._refresh is not None:
+            self._take_refresh()
+
+    @torch.no_grad()
+    def _propagate(self, version: int, n_users: int, user_rows: Callable[[], torch.Tensor],
+                   item_rows: Callable[[], torch.Tensor], adjacency: Callable[[], torch.Tensor]) -> _Propagation:
+        """The propagation from snapshots of the tables and the graph; reads nothing else of the learner."""
+        start = time.monotonic()
+        layer0 = torch.cat([user_rows(), item_rows()])
+        means = [rows.mean(0) if len(rows) else None for rows in (layer0[:n_users], layer0[n_users:])]
+        final, aggregate, last = propagate_with_aggregate(adjacency(), layer0, self.cfg.n_layers)
+        scale = self.cfg.n_layers + 1
         # refinement's fixed inputs, items only, as int8 rows (docs/benchmarks.md, "Refinement that
         # changes the stored model")
-        self.context = Int8Rows(final[n_users:] - layer0[n_users:] / scale)
-        self.aggregate = Int8Rows(aggregate[n_users:])
-        self.item_inner = Int8Rows(final[n_users:] * scale - last[n_users:])
-        self.context_users = n_users
-        self.final_items_t = final[n_users:].T.contiguous()
-        del final, aggregate, last, layer0, rows, adj  # freed before the trim below
+        result = _Propagation(version, n_users, means,
+                              context=Int8Rows(final[n_users:] - layer0[n_users:] / scale),
+                              aggregate=Int8Rows(aggregate[n_users:]),
+                              item_inner=Int8Rows(final[n_users:] * scale - last[n_users:]),
+                              final_items_t=final[n_users:].T.contiguous())
+        del final, aggregate, last, layer0  # freed before the trim below
         if _MALLOC_TRIM is not None:
             _MALLOC_TRIM(0)
+        result.seconds = time.monotonic() - start
+        return result
+
+    def _install(self, p: _Propagation) -> None:
+        for table, mean in zip((self.users, self.items), p.means):
+            if mean is not None:
+                table.mean = mean
+        self.context, self.aggregate, self.item_inner = p.context, p.aggregate, p.item_inner
+        self.context_users, self.final_items_t = p.n_users, p.final_items_t
         self.refreshed_at = time.monotonic()
-        self.refresh_cost = self.refreshed_at - now
+        self.refresh_cost = p.seconds
         self.refreshes += 1
-        self.final_version = self.version
+        self.final_version = p.version
 
     # ---- the micro-batch ------------------------------------------------------------------------
 

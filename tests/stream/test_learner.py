@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from gnaq_stream.errors import CheckpointError, ConfigError
 from gnaq_stream.model.lightgcn import propagate
 from gnaq_stream.quant.packing import LevelRangeError
 from gnaq_stream.quant.quantizer import init_from_embedding
-from gnaq_stream.stream.learner import StreamLearner
+from gnaq_stream.stream.learner import BACKGROUND_REFRESH_SECONDS, StreamLearner
 from gnaq_stream.stream.prequential import ITEM_BLOCK, PASS_ROWS, PrequentialEvaluator, item_ranks
 
 CFG = LearnerConfig(dim=8, bits=2, level_dtype="fp32", refine_steps=2, refine_budget_seconds=60.0,
@@ -163,6 +165,46 @@ def test_refinement_raises_the_score_of_the_new_interaction():
     learner.refresh_final_embeddings(force=True)
     after = learner.final_users[1] @ learner.final_items.T
     assert after[0] - after[1] > before[0] - before[1]
+
+
+def _held_propagation(learner, monkeypatch):
+    """Make the learner's next propagation wait at its adjacency until the returned event is set."""
+    go, snapshot = threading.Event(), learner.graph.adjacency_snapshot
+
+    def held():
+        build = snapshot()
+        return lambda: (go.wait(10), build())[1]
+    monkeypatch.setattr(learner.graph, "adjacency_snapshot", held)
+    return go
+
+
+def test_a_slow_propagation_runs_in_the_background_from_the_state_at_its_start(monkeypatch):
+    learner, twin = (StreamLearner.from_checkpoint(_checkpoint(), CFG) for _ in range(2))
+    twin.refresh_final_embeddings(force=True)  # the same model, propagated at once
+    learner.refresh_cost = 2 * BACKGROUND_REFRESH_SECONDS  # as if the last propagation had been slow
+    go = _held_propagation(learner, monkeypatch)
+    learner.refresh_final_embeddings()
+    assert learner.final_version == -1  # started, not waited for
+    result = learner.apply_micro_batch([Event("1", "0", 1.0), Event("new", "2", 1.0)])  # graph and rows change
+    assert len(result.changed_users) and learner.final_version == -1
+    go.set()
+    learner.wait_refresh()
+    assert learner.final_version == twin.final_version == 0  # as of the version it started at
+    assert torch.equal(learner.final_items_t, twin.final_items_t)
+    assert torch.equal(learner.context.values, twin.context.values) and learner.context_users == 2
+
+
+def test_a_background_propagation_error_is_raised_on_the_loop(monkeypatch):
+    learner = StreamLearner.from_checkpoint(_checkpoint(), CFG)
+    learner.refresh_cost = 2 * BACKGROUND_REFRESH_SECONDS
+
+    def broken():
+        return lambda: torch.zeros(0) @ torch.zeros(3)  # shapes that cannot multiply
+    monkeypatch.setattr(learner.graph, "adjacency_snapshot", broken)
+    learner.refresh_final_embeddings()
+    with pytest.raises(RuntimeError):
+        learner.wait_refresh()
+    assert learner.final_version == -1
 
 
 def test_prequential_scores_before_learning():
