@@ -43,14 +43,24 @@ def propagate(adj: torch.Tensor, layer0: torch.Tensor, n_layers: int) -> torch.T
 
 
 @torch.no_grad()
-def propagate_with_aggregate(adj: torch.Tensor, layer0: torch.Tensor,
-                             n_layers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Final embeddings, the 1-hop normalised neighbour aggregate (`adj @ layer0`) and layer L from
-    one propagation, without autograd (the aggregate is its first layer, not another product).
-    (L + 1) * final - layer L is a node's sum of layers 0..L-1: what it passes on to its neighbours'
-    final embeddings."""
-    final, first, last = _layers(adj, layer0, n_layers)
-    return final, (first if first is not None else torch.sparse.mm(adj, layer0)), last
+def propagate_items(r: torch.Tensor, r_t: torch.Tensor, users0: torch.Tensor, items0: torch.Tensor,
+                    n_layers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The items' side of a propagation, from the blocks R (users x items) and R^T of the normalised
+    adjacency: items' final embeddings, their layer 1 (the neighbour aggregate) and layer L, without
+    autograd. Items' layer k is R^T times users' layer k-1, and users' layer k is R times items'
+    layer k-1, so users' layer L is never needed: 2L - 1 products instead of 2L, and at most two
+    users' layers held at once (users are most of the nodes). (L + 1) * final - layer L is an item's
+    sum of layers 0..L-1: what it passes on to its users' final embeddings."""
+    acc, users, items, first = items0.clone(), users0, items0, None
+    for k in range(1, n_layers + 1):
+        following = torch.sparse.mm(r_t, users)
+        users = None  # freed before the next users' layer is made
+        if k < n_layers:
+            users = torch.sparse.mm(r, items)
+        items = following
+        first = items if first is None else first
+        acc += items
+    return acc / (n_layers + 1), (first if first is not None else torch.sparse.mm(r_t, users0)), items
 
 
 def spectral_init(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray, dim: int,

@@ -2,8 +2,9 @@
 
 `apply_micro_batch` = add edges -> initialise new nodes from their neighbourhood -> a short RAU
 refinement pass on the touched nodes (with `refine_steps` > 0; off by default, docs/architecture.md).
-It uses the offline model's pieces unchanged: the same propagation, losses, quantizer
-initialisation and RAU code rule.
+It uses the offline model's pieces unchanged: the same losses, quantizer initialisation and RAU
+code rule, and the same propagation's items' side (`propagate_items`: users' last layer is never
+needed here; tests/model/test_propagation.py holds it equal to the offline one).
 
 Refinement scores the batch with the full graph's propagation as context: a node's final embedding
 is `context + layer0 / (L + 1)`, the context being what its neighbourhood adds. At each refresh
@@ -35,7 +36,7 @@ from gnaq_stream.config import LearnerConfig
 from gnaq_stream.data.events import Event
 from gnaq_stream.errors import CheckpointError
 from gnaq_stream.graph.interaction_graph import InteractionGraph
-from gnaq_stream.model.lightgcn import propagate_with_aggregate
+from gnaq_stream.model.lightgcn import propagate_items
 from gnaq_stream.quant.int8_rows import Int8Rows
 from gnaq_stream.quant.node_table import NodeTable
 from gnaq_stream.quant.packing import round_levels
@@ -196,8 +197,8 @@ class StreamLearner:
         if not force and time.monotonic() - self.refreshed_at < period:
             return
         # on this thread: what the propagation reads, as of now (fast copies of compact arrays)
-        inputs = (self.version, self.users.n, self.users.embeddings_snapshot(), self.items.embeddings_snapshot(),
-                  self.graph.adjacency_snapshot())
+        inputs = (self.version, self.users.embeddings_snapshot(), self.items.embeddings_snapshot(),
+                  self.graph.adjacency_blocks_snapshot())
         if force or self.refresh_cost <= BACKGROUND_REFRESH_SECONDS:
             self._install(self._propagate(*inputs))
             return
@@ -231,22 +232,20 @@ class StreamLearner:
             self._take_refresh()
 
     @torch.no_grad()
-    def _propagate(self, version: int, n_users: int, user_rows: Callable[[], torch.Tensor],
-                   item_rows: Callable[[], torch.Tensor], adjacency: Callable[[], torch.Tensor]) -> _Propagation:
+    def _propagate(self, version: int, user_rows: Callable[[], torch.Tensor], item_rows: Callable[[], torch.Tensor],
+                   blocks: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> _Propagation:
         """The propagation from snapshots of the tables and the graph; reads nothing else of the learner."""
         start = time.monotonic()
-        layer0 = torch.cat([user_rows(), item_rows()])
-        means = [rows.mean(0) if len(rows) else None for rows in (layer0[:n_users], layer0[n_users:])]
-        final, aggregate, last = propagate_with_aggregate(adjacency(), layer0, self.cfg.n_layers)
+        users0, items0 = user_rows(), item_rows()
+        means = [rows.mean(0) if len(rows) else None for rows in (users0, items0)]
+        final, aggregate, last = propagate_items(*blocks(), users0, items0, self.cfg.n_layers)
         scale = self.cfg.n_layers + 1
         # refinement's fixed inputs, items only, as int8 rows (docs/benchmarks.md, "Refinement that
         # changes the stored model")
-        result = _Propagation(version, n_users, means,
-                              context=Int8Rows(final[n_users:] - layer0[n_users:] / scale),
-                              aggregate=Int8Rows(aggregate[n_users:]),
-                              item_inner=Int8Rows(final[n_users:] * scale - last[n_users:]),
-                              final_items_t=final[n_users:].T.contiguous())
-        del final, aggregate, last, layer0  # freed before the trim below
+        result = _Propagation(version, len(users0), means, context=Int8Rows(final - items0 / scale),
+                              aggregate=Int8Rows(aggregate), item_inner=Int8Rows(final * scale - last),
+                              final_items_t=final.T.contiguous())
+        del final, aggregate, last, users0, items0  # freed before the trim below
         if _MALLOC_TRIM is not None:
             _MALLOC_TRIM(0)
         result.seconds = time.monotonic() - start

@@ -169,12 +169,12 @@ def test_refinement_raises_the_score_of_the_new_interaction():
 
 def _held_propagation(learner, monkeypatch):
     """Make the learner's next propagation wait at its adjacency until the returned event is set."""
-    go, snapshot = threading.Event(), learner.graph.adjacency_snapshot
+    go, snapshot = threading.Event(), learner.graph.adjacency_blocks_snapshot
 
     def held():
         build = snapshot()
         return lambda: (go.wait(10), build())[1]
-    monkeypatch.setattr(learner.graph, "adjacency_snapshot", held)
+    monkeypatch.setattr(learner.graph, "adjacency_blocks_snapshot", held)
     return go
 
 
@@ -200,7 +200,7 @@ def test_a_background_propagation_error_is_raised_on_the_loop(monkeypatch):
 
     def broken():
         return lambda: torch.zeros(0) @ torch.zeros(3)  # shapes that cannot multiply
-    monkeypatch.setattr(learner.graph, "adjacency_snapshot", broken)
+    monkeypatch.setattr(learner.graph, "adjacency_blocks_snapshot", broken)
     learner.refresh_final_embeddings()
     with pytest.raises(RuntimeError):
         learner.wait_refresh()
