@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from gnaq_stream.quant import node_table
-from gnaq_stream.quant.node_table import NodeTable
+from gnaq_stream.quant.node_table import MEAN_SAMPLE, NodeTable
 from gnaq_stream.quant.packing import pack_rows, round_levels, row_bytes
 from gnaq_stream.quant.quantizer import dequantize, init_from_embedding
 
@@ -33,9 +33,20 @@ def test_a_table_holds_its_nodes_as_stored_rows(monkeypatch):
     table.write(np.array([5]), levels[[0]], codes[[0]], table.training_rows(np.array([0]))[2])
     assert np.array_equal(table.packed(np.array([5, 6])), table.packed(np.array([0, 6])))
     torch.testing.assert_close(table.training_rows(np.array([5]))[2], table.training_rows(np.array([0]))[2])
-    # loading packed rows: latent = dequantised rows, mean exact
+    # loading packed rows: latent = dequantised rows, mean exact (fewer rows than its sample)
     back = NodeTable(dim=12, bits=2, level_dtype="fp8")
     back.load_rows(table.packed(np.arange(19)), np.arange(19))
     assert torch.equal(back.embeddings(), table.embeddings())
     assert torch.equal(back.training_rows(np.arange(19))[2], back.embeddings())
     torch.testing.assert_close(back.mean, back.embeddings().mean(0))
+
+
+def test_a_large_tables_prior_mean_is_estimated_from_a_sample_on_load():
+    table = NodeTable(dim=8, bits=2, level_dtype="fp8")
+    x = torch.randn(3 * MEAN_SAMPLE, 8, generator=torch.Generator().manual_seed(0)) + torch.arange(8.0)
+    table.append(x, 0)
+    back = NodeTable(dim=8, bits=2, level_dtype="fp8")
+    back.load_rows(table.packed(np.arange(3 * MEAN_SAMPLE)), np.zeros(3 * MEAN_SAMPLE, dtype=np.int64))
+    exact = back.embeddings().mean(0)
+    assert not torch.equal(back.mean, exact)  # a sample's mean...
+    torch.testing.assert_close(back.mean, exact, atol=0.02, rtol=0)  # ...within its standard error (~0.004)
