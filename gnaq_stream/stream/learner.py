@@ -203,8 +203,9 @@ class StreamLearner:
             self._install(self._propagate(*inputs))
             return
         self._refresh_result = None
-        self._refresh = threading.Thread(target=self._propagate_in_background, args=inputs,
-                                         name="propagation", daemon=True)
+        # not a daemon: the interpreter joins it at exit; a daemon thread still inside torch when the
+        # process exits aborts it ("terminate called without an active exception", exit code 134)
+        self._refresh = threading.Thread(target=self._propagate_in_background, args=inputs, name="propagation")
         self._refresh.start()
 
     def _propagate_in_background(self, *inputs) -> None:

@@ -1,3 +1,5 @@
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -205,6 +207,39 @@ def test_a_background_propagation_error_is_raised_on_the_loop(monkeypatch):
     with pytest.raises(RuntimeError):
         learner.wait_refresh()
     assert learner.final_version == -1
+
+
+_EXIT_DURING_A_PROPAGATION = """
+import threading
+import numpy as np, torch
+from gnaq_stream.config import LearnerConfig
+from gnaq_stream.graph.interaction_graph import InteractionGraph
+from gnaq_stream.quant.node_table import NodeTable
+from gnaq_stream.stream import learner as module
+rng = np.random.default_rng(0)
+cfg = LearnerConfig(dim=64, refine_steps=0)
+graph = InteractionGraph()
+graph.add_users([str(k) for k in range(200_000)])
+graph.add_items([str(k) for k in range(50_000)])
+graph.add_interactions(rng.integers(0, 200_000, 4_000_000), rng.integers(0, 50_000, 4_000_000))
+tables = [NodeTable(64, cfg.bits, cfg.level_dtype) for _ in range(2)]
+for table, n in zip(tables, (200_000, 50_000)):
+    table.append(torch.randn(n, 64), 0)
+learner = module.StreamLearner(cfg, graph, *tables)
+inside, propagate_items = threading.Event(), module.propagate_items
+module.propagate_items = lambda *args: (inside.set(), propagate_items(*args))[1]
+learner.refresh_cost = 10.0  # as if slow: the next propagation runs in the background
+learner.refresh_final_embeddings()
+inside.wait(60)  # the exit comes while it multiplies
+print(learner.refreshing, flush=True)
+"""
+
+
+def test_a_process_that_exits_during_a_background_propagation_exits_cleanly():
+    done = subprocess.run([sys.executable, "-c", _EXIT_DURING_A_PROPAGATION], capture_output=True, text=True,
+                          timeout=300)
+    assert done.stdout.strip() == "True"  # it exited while the propagation ran
+    assert done.returncode == 0, done.stderr[-500:]
 
 
 def test_prequential_scores_before_learning():
