@@ -24,8 +24,8 @@ import ctypes
 import ctypes.util
 import threading
 import time
-from collections.abc import Callable
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
