@@ -15,12 +15,18 @@ Records (key -> value; integers in keys big-endian so they sort, in values littl
                           the row records of those nodes at that version (a propagation changes most rows:
                           one record per row made the producer, not the network, the bottleneck)
     b"H" + u32 user idx   u64 version | u32 item indices of everything the user interacted with
+    b"B" + b"H" + u32 block
+                          u64 version | u16 count | count x u32 history length | the histories' u32 item
+                          indices back to back: the histories of users block x BLOCK_ROWS ... + count - 1
+                          (every user of the block), standing for their history records at that version
+                          (a micro-batch touching thousands of users sends ~BLOCK_ROWS x fewer records)
     any key -> no value   a tombstone: a new model deletes the keys of the one before it, so a compacted
                           topic holds only the current model
 
 Every record is the whole current value for its key, so a compacted topic holds the full model and
 replaying records is idempotent: a replica keeps, per node, the row with the highest version (a block
-record holds every node of its block, so compaction never keeps an older block over a newer one).
+record holds every node of its block, so compaction never keeps an older block over a newer one), and
+per user the newer of their history record and their block's history block record.
 The topic must have exactly one partition: "model version v complete" means every record before the
 meta record of v, which only one partition orders.
 """
@@ -50,13 +56,6 @@ class RowUpdate:
     version: int
     row: bytes
     external_id: str
-
-
-@dataclass(frozen=True)
-class HistoryUpdate:
-    user: int
-    version: int
-    items: np.ndarray
 
 
 class UpdateFormatError(ValueError):
@@ -111,6 +110,58 @@ def history_record(user: int, version: int, items: np.ndarray) -> tuple[bytes, b
     return b"H" + _U32.pack(user), _VERSION.pack(version) + np.asarray(items, dtype="<u4").tobytes()
 
 
+def history_block_record(block: int, version: int, lengths: np.ndarray, items: np.ndarray) -> tuple[bytes, bytes]:
+    """Histories of users block x BLOCK_ROWS onwards: `lengths` items each, `items` back to back."""
+    if not 0 < len(lengths) <= BLOCK_ROWS or int(np.sum(lengths)) != len(items):
+        raise ValueError(f"a history block holds 1..{BLOCK_ROWS} histories, `lengths` items each")
+    return b"BH" + _U32.pack(block), _BLOCK_HEAD.pack(version, len(lengths)) \
+        + np.asarray(lengths, dtype="<u4").tobytes() + np.asarray(items, dtype="<u4").tobytes()
+
+
+def history_span(key: bytes, value: bytes) -> tuple[int, int, int]:
+    """(first user, users, version) of a history record (one user) or a history block record;
+    UpdateFormatError if it is neither or malformed."""
+    if key[:1] == b"H":
+        if len(key) != 5 or len(value) < _VERSION.size or (len(value) - _VERSION.size) % 4:
+            raise UpdateFormatError("history record with a malformed key or a partial item index")
+        return _U32.unpack(key[1:5])[0], 1, _VERSION.unpack_from(value)[0]
+    if key[:2] != b"BH" or len(key) != 6 or len(value) < _BLOCK_HEAD.size:
+        raise UpdateFormatError(f"not a history record: key {key[:16]!r}")
+    version, count = _BLOCK_HEAD.unpack_from(value)
+    at = _BLOCK_HEAD.size + 4 * count
+    if not 0 < count <= BLOCK_ROWS or len(value) < at:
+        raise UpdateFormatError(f"history block record of {count} histories (1..{BLOCK_ROWS})")
+    items = int(np.frombuffer(value, dtype="<u4", count=count, offset=_BLOCK_HEAD.size).sum(dtype=np.int64))
+    if len(value) != at + 4 * items:
+        raise UpdateFormatError("history block record whose lengths do not match its items")
+    first = _U32.unpack(key[2:6])[0] * BLOCK_ROWS
+    if first + count > 1 << 32:
+        raise UpdateFormatError("history block record past the last u32 user index")
+    return first, count, version
+
+
+def history_block_key(user: int) -> bytes:
+    """Key of the history block record that holds `user`."""
+    return b"BH" + _U32.pack(user // BLOCK_ROWS)
+
+
+def user_history(user: int, record: bytes | None, block: bytes | None) -> np.ndarray:
+    """A user's items (int64) from the newer of their history record's value and their block's
+    history block record's value (either None: not held; both checked by `history_span`)."""
+    version = -1 if record is None else _VERSION.unpack_from(record)[0]
+    if block is not None and _BLOCK_HEAD.unpack_from(block)[0] > version:
+        count = _BLOCK_HEAD.unpack_from(block)[1]
+        lengths = np.frombuffer(block, dtype="<u4", count=count, offset=_BLOCK_HEAD.size).astype(np.int64)
+        row = user % BLOCK_ROWS
+        if row >= count:
+            return np.zeros(0, dtype=np.int64)
+        start = _BLOCK_HEAD.size + 4 * (count + int(lengths[:row].sum()))
+        return np.frombuffer(block, dtype="<u4", count=int(lengths[row]), offset=start).astype(np.int64)
+    if record is None:
+        return np.zeros(0, dtype=np.int64)
+    return np.frombuffer(record, dtype="<u4", offset=_VERSION.size).astype(np.int64)
+
+
 def meta_record(meta: dict) -> tuple[bytes, bytes]:
     return META_KEY, json.dumps({"format": UPDATES_FORMAT, **meta}).encode()
 
@@ -130,18 +181,14 @@ def decode_meta(value: bytes) -> dict:
     return meta
 
 
-def decode_update(key: bytes, value: bytes) -> RowUpdate | HistoryUpdate:
-    """A row or history record (the meta record is read with `decode_meta`)."""
+def decode_update(key: bytes, value: bytes) -> RowUpdate:
+    """A row record (meta records are read with `decode_meta`, histories with `history_span`)."""
     kind = key[:1]
-    if kind not in (b"U", b"I", b"H") or len(key) < 5 or len(value) < _VERSION.size:
+    if kind not in (b"U", b"I") or len(key) < 5 or len(value) < _VERSION.size:
         raise UpdateFormatError(f"not an update record: key {key[:16]!r}")
     index = _U32.unpack(key[1:5])[0]
     version = _VERSION.unpack_from(value)[0]
     body = value[_VERSION.size:]
-    if kind == b"H":
-        if len(key) != 5 or len(body) % 4:
-            raise UpdateFormatError("history record with a malformed key or a partial item index")
-        return HistoryUpdate(index, version, np.frombuffer(body, dtype="<u4").astype(np.int64))
     try:
         external_id = key[5:].decode()
     except UnicodeDecodeError:

@@ -111,12 +111,15 @@ def _neighbours(ptr: np.ndarray, merged: np.ndarray, pending: np.ndarray, nodes:
     if cap:
         lengths = np.minimum(lengths, cap)
         p_lengths = np.minimum(p_lengths, cap - lengths)
+    # each node's merged neighbours, then its pending ones, scattered to their place (no sort)
+    totals = lengths + p_lengths
+    base = np.cumsum(totals) - totals
+    values = np.empty(int(totals.sum()), dtype=np.int64)
     owner, pos = _segments(starts, lengths)
+    values[base[owner] + pos - starts[owner]] = merged[pos]
     p_owner, p_pos = _segments(p_starts, p_lengths)
-    owner = np.concatenate([owner, p_owner])
-    values = np.concatenate([merged[pos].astype(np.int64), pending[p_pos]]) & ITEM_MASK
-    order = np.argsort(owner, kind="stable")
-    return owner[order], values[order]
+    values[base[p_owner] + lengths[p_owner] + p_pos - p_starts[p_owner]] = pending[p_pos]
+    return np.repeat(np.arange(len(nodes)), totals), values & ITEM_MASK
 
 
 def _segments(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

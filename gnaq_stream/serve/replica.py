@@ -12,7 +12,8 @@ model's width are decoded and written with array operations (one WriteBatch, one
 with the same outcome per record as one by one.
 Memory per node is its packed row, a version (u32 while versions fit) and its external id in one
 byte buffer (offset + length prefix); users also have an open-addressing hash slot (id -> index).
-Histories are not held in memory: a request reads its user's history from the store (one get).
+Histories are not held in memory: a request reads its user's history record and history block record
+from the store (one multi-get) and takes the newer.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from gnaq_stream.config import ServeConfig
 from gnaq_stream.errors import ConfigError, GnaqError
 from gnaq_stream.quant.packing import SUPPORTED_BITS, check_bits, check_level_dtype, row_bytes
 from gnaq_stream.serve.scoring import ItemIndex, PackedScorer
-from gnaq_stream.updates_format import (META_KEY, HistoryUpdate, RowUpdate, UpdateFormatError, decode_meta,
-                                        decode_rows, decode_update, expand_block)
+from gnaq_stream.updates_format import (META_KEY, RowUpdate, UpdateFormatError, decode_meta, decode_rows,
+                                        decode_update, expand_block, history_block_key, history_span, user_history)
 
 log = logging.getLogger("gnaq_stream.serve")
 REJECTION_REASONS = ("malformed", "width", "index", "partition")
@@ -415,13 +416,13 @@ class Replica:
         return self._apply_many(records, persist=True)
 
     def _apply_many(self, records: list[tuple[bytes, bytes | None]], persist: bool) -> list[bool | RejectedUpdate]:
-        if not any(key[:1] == b"B" for key, _ in records):
+        if not any(_row_block(key) for key, _ in records):
             return self._apply_flat(records, persist)
         # a block record is applied as the row records it stands for (stored as those): its outcome is
         # True if any of its rows was taken; it is rejected whole (every row of a block has one width)
         flat, owner, out = [], [], [False] * len(records)
         for position, (key, value) in enumerate(records):
-            if key[:1] != b"B":
+            if not _row_block(key):
                 flat.append((key, value))
                 owner.append(position)
             elif value:  # a block's tombstone changes nothing: its rows are held under their own keys
@@ -460,7 +461,7 @@ class Replica:
                     rows, histories, rest = [], [], []
                     out[position] = self._apply_one(key, value, persist)
                     full = self._row_record_bytes()
-                elif kind == b"H" and len(key) == 5 and len(value) % 4 == 0:  # u64 version, u32 items
+                elif kind == b"H" or key[:2] == b"BH":
                     histories.append(position)
                 elif len(value) == full and (kind == b"U" or kind == b"I") and 5 <= len(key) <= 5 + MAX_ID_BYTES:
                     rows.append(position)
@@ -510,23 +511,31 @@ class Replica:
         return [run[k] for k in np.flatnonzero(~ok).tolist()]  # each rejected with its reason there
 
     def _apply_histories(self, records: list, run: list[int], out: list, persist: bool) -> list[int]:
-        """History records, in order, their held versions read from the store in one multi-get; the
-        positions left to apply one by one."""
-        keys = [records[p][0] for p in run]
-        ok = np.frombuffer(b"".join(k[1:5] for k in keys), dtype=">u4") < self.max_nodes
-        unknown = [key for key in dict.fromkeys(keys) if key not in self._histories]
+        """History and history block records, in order, their held versions read from the store in one
+        multi-get (both are kept as received); none is left to apply one by one."""
+        fits = []
+        for position in run:
+            try:
+                first, count, _ = history_span(*records[position])
+            except UpdateFormatError as exc:
+                out[position] = RejectedUpdate("malformed", str(exc))
+                continue
+            if first + count > self.max_nodes:
+                out[position] = RejectedUpdate("index", f"user index {first + count - 1} >= max_nodes={self.max_nodes}")
+            else:
+                fits.append(position)
+        unknown = [key for key in dict.fromkeys(records[p][0] for p in fits) if key not in self._histories]
         for key, value in zip(unknown, self.db[unknown] if unknown else []):
             self._histories[key] = None if value is None else int.from_bytes(value[:8], "little")
-        for position, key, fits in zip(run, keys, ok.tolist()):
-            if fits:
-                value = records[position][1]
-                version, held = int.from_bytes(value[:8], "little"), self._histories[key]
-                out[position] = fresh = held is None or version >= held
-                if fresh:
-                    self._histories[key] = version
-                    if persist:
-                        self._batch.put(key, value)
-        return [position for position, fits in zip(run, ok.tolist()) if not fits]
+        for position in fits:
+            key, value = records[position]
+            version, held = int.from_bytes(value[:8], "little"), self._histories[key]
+            out[position] = fresh = held is None or version >= held
+            if fresh:
+                self._histories[key] = version
+                if persist:
+                    self._batch.put(key, value)
+        return []
 
     def _apply(self, key: bytes, value: bytes | None, persist: bool) -> bool:
         if not value:
@@ -589,16 +598,9 @@ class Replica:
             self._batch = WriteBatch(raw_mode=True)
         self.db.delete_range(b"\x00", b"\xff")
 
-    def _apply_record(self, key: bytes, update: RowUpdate | HistoryUpdate) -> bool:
-        index = update.user if isinstance(update, HistoryUpdate) else update.index
-        if index >= self.max_nodes:  # never allocated: a corrupt or hostile index
-            raise RejectedUpdate("index", f"node index {index} >= max_nodes={self.max_nodes}")
-        if isinstance(update, HistoryUpdate):
-            held = self._history_version(key)
-            if held is not None and update.version < held:
-                return False
-            self._histories[key] = update.version
-            return True
+    def _apply_record(self, key: bytes, update: RowUpdate) -> bool:
+        if update.index >= self.max_nodes:  # never allocated: a corrupt or hostile index
+            raise RejectedUpdate("index", f"node index {update.index} >= max_nodes={self.max_nodes}")
         if update.version >= 1 << 63:  # versions are held as int64
             raise RejectedUpdate("malformed", f"version {update.version} out of range")
         external_id = key[5:]
@@ -636,11 +638,11 @@ class Replica:
     def _delete(self, key: bytes, persist: bool) -> bool:
         if key == META_KEY:
             raise RejectedUpdate("malformed", "a tombstone of the meta record")
-        update = _decode(key, bytes(8))  # a tombstone has no value: decode its key with an empty one
-        if isinstance(update, HistoryUpdate):
+        if key[:1] == b"H" or key[:2] == b"BH":
             dropped = self._history_version(key) is not None
             self._histories[key] = None
         else:
+            update = _decode(key, bytes(8))  # a tombstone has no value: decode its key with an empty one
             table = self.users if update.kind == "user" else self.items
             dropped = table is not None and table.drop(update.index, update.external_id)
         if persist:
@@ -677,8 +679,7 @@ class Replica:
         if idx is None:
             raise UnknownUser(f"unknown user {user!r}")
         vector = self.scorer.user_vector(self.users.rows[idx])
-        held = self.db.get(b"H" + idx.to_bytes(4, "big"))
-        history = np.zeros(0, dtype=np.int64) if held is None else np.frombuffer(held, "<u4", offset=8).astype(np.int64)
+        history = user_history(idx, *self.db[[b"H" + idx.to_bytes(4, "big"), history_block_key(idx)]])
         # rows of a publication still arriving are served already; items not yet arrived are skipped
         best, best_scores = self.items.index.top_k(vector, k, np.concatenate([history, self.items.unpublished()]))
         return {"user": user, "k": k, "model_version": self.model_version,
@@ -692,7 +693,12 @@ class Replica:
                 "meta": self.meta}
 
 
-def _decode(key: bytes, value: bytes) -> RowUpdate | HistoryUpdate:
+def _row_block(key: bytes) -> bool:
+    """A block record of rows (expanded into the row records it stands for), not of histories."""
+    return key[:1] == b"B" and key[:2] != b"BH"
+
+
+def _decode(key: bytes, value: bytes) -> RowUpdate:
     try:
         return decode_update(key, value)
     except UpdateFormatError as exc:

@@ -12,8 +12,9 @@ from gnaq_stream.data.events import Event
 from gnaq_stream.serve.replica import NotReady, RejectedUpdate, Replica, UnknownUser
 from gnaq_stream.stream.learner import StreamLearner
 from gnaq_stream.stream.updates import DENSE_BLOCK_ROWS, UpdatesPublisher
-from gnaq_stream.updates_format import (BLOCK_ROWS, META_KEY, block_record, decode_meta, expand_block, history_record,
-                                        meta_record, row_key, row_record)
+from gnaq_stream.updates_format import (BLOCK_ROWS, META_KEY, block_record, decode_meta, expand_block,
+                                        history_block_key, history_block_record, history_record, history_span,
+                                        meta_record, row_key, row_record, user_history)
 
 CFG = LearnerConfig(dim=8, bits=2, level_dtype="fp8", refine_steps=1, refine_budget_seconds=60.0)
 
@@ -525,8 +526,67 @@ def _dense_learner() -> tuple[StreamLearner, UpdatesPublisher, RecordingProducer
 
 
 def _expanded(records: list) -> list:
-    """The same records with each block record replaced by the row records it stands for."""
-    return [row for key, value in records for row in (expand_block(key, value) if key[:1] == b"B" else [(key, value)])]
+    """The same records with each block record of rows replaced by the row records it stands for."""
+    return [row for key, value in records
+            for row in (expand_block(key, value) if key[:1] == b"B" and key[:2] != b"BH" else [(key, value)])]
+
+
+def _held_history(replica: Replica, user: int) -> list[int]:
+    return sorted(user_history(user, *replica.db[[b"H" + user.to_bytes(4, "big"), history_block_key(user)]]).tolist())
+
+
+def test_histories_of_a_block_dense_in_touched_users_go_out_in_one_record_and_the_newer_record_wins(tmp_path):
+    learner, publisher, producer = _dense_learner()  # 300 users: blocks 0 (256 users) and 1 (44)
+    replica = _fed(tmp_path / "r", producer.records)
+    batches = [[f"u{k}" for k in range(DENSE_BLOCK_ROWS)] + ["u260", "u270"],  # block 0 dense, 1 not
+               ["u5", "u299"],  # single records newer than the block records
+               [f"u{k}" for k in range(256, 256 + DENSE_BLOCK_ROWS)]]  # block 1 dense again
+    expected_keys = [{history_block_key(0), b"H" + (260).to_bytes(4, "big"), b"H" + (270).to_bytes(4, "big")},
+                     {b"H" + (5).to_bytes(4, "big"), b"H" + (299).to_bytes(4, "big")}, {history_block_key(256)}]
+    for batch, (names, keys) in enumerate(zip(batches, expected_keys)):
+        producer.sent.clear()
+        learner.apply_micro_batch([Event(name, f"i-new{batch}", 20_000.0 + batch) for name in names])
+        publisher.publish(learner, np.array([learner.graph.users.get(name) for name in names]))
+        assert {key for key, _ in producer.records if key[:1] == b"H" or key[:2] == b"BH"} == keys
+        for key, value in producer.records:
+            replica.apply(key, value)
+        for user in range(learner.graph.n_users):  # every user's history, from whichever record is newer
+            assert _held_history(replica, user) == sorted(learner.graph.user_items[user].tolist())
+    block = dict(producer.records)[history_block_key(256)]
+    assert history_span(history_block_key(256), block) == (256, 44, learner.version)
+    answers = _answers(replica, ["u5", "u260", "u299"])
+    assert all(f"i-new{b}" not in [r["item"] for r in answers["u5"]["items"]] for b in (0, 1))
+    replica.close()
+    assert _answers(Replica(tmp_path / "r"), ["u5", "u260", "u299"]) == answers  # after a restart too
+
+
+def test_a_history_block_too_big_for_one_record_goes_user_by_user(monkeypatch):
+    from gnaq_stream.stream import updates
+
+    learner, publisher, producer = _dense_learner()
+    monkeypatch.setattr(updates, "MAX_BLOCK_BYTES", 10 + 4 * 256 + 4 * 100)  # block 0 holds 256 items, 1 44
+    producer.sent.clear()
+    publisher.publish(learner, np.arange(learner.graph.n_users))
+    keys = {key for key, _ in producer.records if key[:1] == b"H" or key[:2] == b"BH"}
+    assert keys == {history_block_key(256)} | {b"H" + u.to_bytes(4, "big") for u in range(256)}
+
+
+def test_a_bad_history_block_record_is_rejected_with_its_reason_and_a_tombstone_deletes_it(tmp_path):
+    learner, _, producer = _dense_learner()
+    replica = _fed(tmp_path / "r", producer.records, max_nodes=400)
+    users = list(learner.graph.users.external)
+    before = _state(replica, users)
+    key, value = history_block_record(0, 10**6, np.array([2, 1]), np.array([5, 6, 7]))
+    bad = {"malformed": [(key, value[:-1]), (key, value[:9]), (key + b"\x00", value),
+                         (key, struct.pack("<QH", 10**6, 0))],
+           "index": [(history_block_key(512), value)]}  # users 512 and 513, max_nodes 400
+    for reason, records in bad.items():
+        for record in records:
+            assert _rejected(replica, *record) == reason
+    assert _state(replica, users) == before
+    assert replica.apply(history_block_key(0), None) is True  # the dense first publication sent block 0
+    assert replica.db.get(history_block_key(0)) is None and replica.apply(history_block_key(0), None) is False
+    replica.close()
 
 
 def test_a_block_record_stands_for_the_row_records_of_its_nodes():
@@ -540,7 +600,7 @@ def test_a_dense_publication_goes_out_in_block_records_that_a_replica_applies_as
     learner, publisher, producer = _dense_learner()
     records = producer.records
     # 300 users and 300 items: blocks 0 (256 rows) and 1 (44 rows) of each kind hold every row
-    assert sorted(key for key, _ in records if key[:1] in b"UIB") == \
+    assert sorted(key for key, _ in records if key[:1] in b"UIB" and key[:2] != b"BH") == \
         [kind + b.to_bytes(4, "big") for kind in (b"BI", b"BU") for b in (0, 1)]
     replica, reference = _fed(tmp_path / "blocks", records), _fed(tmp_path / "rows", _expanded(records))
     users = list(learner.graph.users.external)
@@ -562,7 +622,8 @@ def test_a_dense_publication_goes_out_in_block_records_that_a_replica_applies_as
         expected |= {b"B" + head + b.to_bytes(4, "big") for b in dense.tolist()}
         expected |= {head + i.to_bytes(4, "big") for i in idx[~np.isin(idx // BLOCK_ROWS, dense)].tolist()}
     assert expected and any(key[:1] == b"B" for key in expected) and any(key[:1] != b"B" for key in expected)
-    assert {key if key[:1] == b"B" else key[:5] for key, _ in producer.records if key[:1] in b"UIB"} == expected
+    assert {key if key[:1] == b"B" else key[:5] for key, _ in producer.records
+            if key[:1] in b"UIB" and key[:2] != b"BH"} == expected
     assert sent == sum(len(idx) for idx in changed.values())
     for record in producer.records:
         replica.apply(*record)
