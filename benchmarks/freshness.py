@@ -98,6 +98,7 @@ def probe(new: bool, bootstrap: str, url: str, metrics_port: int, known_users: l
                 done |= {"row"} if body["model_version"] > before else set()
             for kind in done & waiting:
                 out[kind].append(time.perf_counter() - start)
+                out["timeline"].append((kind, round(start - out["t0"], 2), round(time.perf_counter() - start, 2)))
             waiting -= done
             if waiting and time.perf_counter() - start > 60:
                 out["timeouts"] += [60.0] * len(waiting)
@@ -108,6 +109,15 @@ def probe(new: bool, bootstrap: str, url: str, metrics_port: int, known_users: l
     producer.close()
 
 
+def watch_applied(metrics_port: int, stop: threading.Event, out: dict) -> None:
+    """Every 2 s (seconds since the steady phase began, events the learner applied since): where the
+    learner falls behind and whether it catches up."""
+    first = sample(scrape(metrics_port), "gnaq_events_applied_total")
+    while not stop.wait(2.0):
+        applied = sample(scrape(metrics_port), "gnaq_events_applied_total") - first
+        out["applied"].append((round(time.perf_counter() - out["t0"], 1), int(applied)))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="ml-1m")
@@ -116,6 +126,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--probe-every", type=float, default=0.5)
     p.add_argument("--refresh-seconds", type=float, help="the learner's --refresh-seconds (default: its own)")
+    p.add_argument("--learner-args", default="", help="more `gnaq-stream consume` options, e.g. "
+                   "'--prequential-max-scores 250'")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="gnaq-fresh-"))
@@ -134,7 +146,8 @@ def main() -> None:
             ["gnaq-stream", "consume", "--bootstrap-servers", bootstrap, "--topic", "events", "--group", "fresh",
              "--store", str(work / "store"), "--updates-topic", "updates", "--metrics-port", str(metrics_port),
              "--session-timeout-ms", "6000", "--heartbeat-interval-ms", "2000",
-             *(["--refresh-seconds", str(args.refresh_seconds)] if args.refresh_seconds else [])],
+             *(["--refresh-seconds", str(args.refresh_seconds)] if args.refresh_seconds else []),
+             *args.learner_args.split()],
             stdout=subprocess.DEVNULL, stderr=open(work / "learner.log", "wb"))
         replica = subprocess.Popen(
             ["gnaq-stream", "serve", "--bootstrap-servers", bootstrap, "--updates-topic", "updates", "--store",
@@ -145,12 +158,14 @@ def main() -> None:
         wait(lambda: sample(scrape(metrics_port), "gnaq_events_applied_total") >= len(backlog), 600, "the backlog")
         wait(lambda: get(f"{url}/healthz")[0] == 200, 600, "the replica ready")
         known_users = [int(u) for u in np.unique(d.train.users)[:200]]
-        out: dict[str, list[float]] = {"new": [], "existing": [], "row": [], "timeouts": []}
+        out: dict = {"new": [], "existing": [], "row": [], "timeouts": [], "timeline": [], "applied": [],
+                     "t0": time.perf_counter()}
         stop = threading.Event()
         probers = [threading.Thread(target=probe, args=(new, bootstrap, url, metrics_port, known_users,
                                                          int(d.train.items[0]), args.probe_every, stop, out))
                    for new in (True, False)]
         applied0 = sample(scrape(metrics_port), "gnaq_events_applied_total")
+        probers.append(threading.Thread(target=watch_applied, args=(metrics_port, stop, out)))
         for prober in probers:
             prober.start()
         produce_s = produce(bootstrap, "events", steady, rate=args.rate)
@@ -161,7 +176,9 @@ def main() -> None:
         result = {"dataset": args.dataset, "rate_target": args.rate, "rate_produced": len(steady) / produce_s,
                   "seconds": produce_s, "learner_applied": applied, "probes_new": len(out["new"]),
                   "probes_existing": len(out["existing"]), "probes_row": len(out["row"]),
-                  "timeouts": len(out["timeouts"]), "refresh_seconds": args.refresh_seconds}
+                  "timeouts": len(out["timeouts"]), "refresh_seconds": args.refresh_seconds,
+                  "learner_args": args.learner_args,
+                  "timeline": out["timeline"], "applied_over_time": out["applied"]}
         for kind in ("new", "existing", "row"):
             if out[kind]:
                 result[f"{kind}_p50"], result[f"{kind}_p99"] = (float(np.percentile(out[kind], q)) for q in (50, 99))

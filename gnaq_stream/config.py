@@ -108,10 +108,10 @@ class LearnerConfig:
     prequential_sample: float = 0.02
     prequential_window: int = 5000
     # item scores per event at most, on average: bounds scoring's cost per event on any catalogue
-    # (binds above 50k items at the default sample: not on gowalla or yelp2018; amazon-book's 91.6k
-    # items are scored for 1.1% of events instead of 2%). At 500k items and 2000 it took ~30% of
-    # the learner's time (benchmarks/scale.py)
-    prequential_max_scores: int = 1000
+    # (binds above 5,000 items at the default sample). At 1,000 it took ~30% of the learner's time at
+    # 20,000 events/s on gowalla's 41k items, and the learner fell behind (docs/benchmarks.md,
+    # "Freshness"); 100 is ~0.5 us an event, ~5% of the rest of its work
+    prequential_max_scores: int = 100
     # existing users' served rows follow their events within about this (docs/benchmarks.md, "Freshness")
     refresh_seconds: float = 1.0
     refresh_max_share: float = 0.25  # of wall time: a slower propagation (+ publication) runs less often
