@@ -44,6 +44,7 @@ META_KEY = b"M"
 _U32 = struct.Struct(">I")
 _VERSION = struct.Struct("<Q")
 _BLOCK_HEAD = struct.Struct("<QH")  # version, count
+BLOCK_HEAD_BYTES = _BLOCK_HEAD.size
 BLOCK_ROWS = 256  # rows per block record: at most 256 x (row + id) bytes, far below Kafka's 1 MB default
 _META_FIELDS = {"model_id": str, "dim": int, "bits": int, "level_dtype": str, "version": int, "n_users": int,
                 "n_items": int}

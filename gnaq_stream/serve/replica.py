@@ -490,7 +490,7 @@ class Replica:
         if rows:
             rest += self._apply_rows(records, rows, out, persist)
         if histories:
-            rest += self._apply_histories(records, histories, out, persist)
+            self._apply_histories(records, histories, out, persist)
         # in order: rows before any meta record; then what the array passes left, which is rejected
         for position in rest:
             out[position] = self._apply_one(*records[position], persist)
@@ -510,9 +510,9 @@ class Replica:
                 self._batch.put(*records[run[k]])
         return [run[k] for k in np.flatnonzero(~ok).tolist()]  # each rejected with its reason there
 
-    def _apply_histories(self, records: list, run: list[int], out: list, persist: bool) -> list[int]:
+    def _apply_histories(self, records: list, run: list[int], out: list, persist: bool) -> None:
         """History and history block records, in order, their held versions read from the store in one
-        multi-get (both are kept as received); none is left to apply one by one."""
+        multi-get (both kinds are kept as received)."""
         fits = []
         for position in run:
             try:
@@ -535,7 +535,6 @@ class Replica:
                 self._histories[key] = version
                 if persist:
                     self._batch.put(key, value)
-        return []
 
     def _apply(self, key: bytes, value: bytes | None, persist: bool) -> bool:
         if not value:

@@ -11,8 +11,8 @@ from kafka import KafkaProducer
 from gnaq_stream.quant.packing import quantize_rows
 from gnaq_stream.stream.learner import StreamLearner
 from gnaq_stream.stream.sending import Record, send_all
-from gnaq_stream.updates_format import (BLOCK_ROWS, block_record, history_block_record, history_record, meta_record,
-                                        row_record)
+from gnaq_stream.updates_format import (BLOCK_HEAD_BYTES, BLOCK_ROWS, block_record, history_block_record,
+                                        history_record, meta_record, row_record)
 
 log = logging.getLogger("gnaq_stream.updates")
 # a history record must fit Kafka's default 1 MB request: the most recent items of a heavier user
@@ -74,7 +74,7 @@ class UpdatesPublisher:
         sizes = np.minimum(BLOCK_ROWS, graph.n_users - dense * BLOCK_ROWS)
         if len(dense):  # a block too big for one record (heavy users) goes user by user
             degrees = graph.user_degrees(_block_members(dense, sizes))
-            nbytes = 10 + 4 * sizes + 4 * np.add.reduceat(degrees, np.cumsum(sizes) - sizes)
+            nbytes = BLOCK_HEAD_BYTES + 4 * sizes + 4 * np.add.reduceat(degrees, np.cumsum(sizes) - sizes)
             dense, sizes = dense[nbytes <= MAX_BLOCK_BYTES], sizes[nbytes <= MAX_BLOCK_BYTES]
         members = _block_members(dense, sizes)
         singles = users[~np.isin(users // BLOCK_ROWS, dense)]
