@@ -13,7 +13,9 @@
      produce -> the replica holds a complete publication of a propagation run after the event (its
      `model_version` exceeds the learner's version read just before the event was produced: every
      serving row the event changed is then served; a propagation between that read and the event's
-     batch would pass too early, so this can under-read by one micro-batch).
+     batch would pass too early, so this can under-read by one micro-batch), and produce -> that
+     user's served row is as of a later version (`user_version`, the issue's measure: with rows
+     published per propagation, about the same).
    Probes poll the replica every 10 ms, so latencies have that resolution.
 
     python benchmarks/freshness.py --dataset ml-1m --rate 20000 --seconds 60
@@ -87,7 +89,7 @@ def probe(new: bool, bootstrap: str, url: str, metrics_port: int, known_users: l
         before = None if new else sample(scrape(metrics_port), "gnaq_model_version")
         start = time.perf_counter()
         producer.send("events", value).get(10)
-        waiting = {"new"} if new else {"existing", "row"}
+        waiting = {"new"} if new else {"existing", "row", "user_row"}
         while waiting:
             status, body = get(f"{url}/recommend/{user}?k=1")
             done = set()
@@ -96,6 +98,7 @@ def probe(new: bool, bootstrap: str, url: str, metrics_port: int, known_users: l
             elif status == 200:
                 done |= {"existing"} if body["items"][0]["item"] != item else set()
                 done |= {"row"} if body["model_version"] > before else set()
+                done |= {"user_row"} if body["user_version"] > before else set()
             for kind in done & waiting:
                 out[kind].append(time.perf_counter() - start)
                 out["timeline"].append((kind, round(start - out["t0"], 2), round(time.perf_counter() - start, 2)))
@@ -158,7 +161,7 @@ def main() -> None:
         wait(lambda: sample(scrape(metrics_port), "gnaq_events_applied_total") >= len(backlog), 600, "the backlog")
         wait(lambda: get(f"{url}/healthz")[0] == 200, 600, "the replica ready")
         known_users = [int(u) for u in np.unique(d.train.users)[:200]]
-        out: dict = {"new": [], "existing": [], "row": [], "timeouts": [], "timeline": [], "applied": [],
+        out: dict = {"new": [], "existing": [], "row": [], "user_row": [], "timeouts": [], "timeline": [], "applied": [],
                      "t0": time.perf_counter()}
         stop = threading.Event()
         probers = [threading.Thread(target=probe, args=(new, bootstrap, url, metrics_port, known_users,
@@ -176,10 +179,11 @@ def main() -> None:
         result = {"dataset": args.dataset, "rate_target": args.rate, "rate_produced": len(steady) / produce_s,
                   "seconds": produce_s, "learner_applied": applied, "probes_new": len(out["new"]),
                   "probes_existing": len(out["existing"]), "probes_row": len(out["row"]),
+                  "probes_user_row": len(out["user_row"]),
                   "timeouts": len(out["timeouts"]), "refresh_seconds": args.refresh_seconds,
                   "learner_args": args.learner_args,
                   "timeline": out["timeline"], "applied_over_time": out["applied"]}
-        for kind in ("new", "existing", "row"):
+        for kind in ("new", "existing", "row", "user_row"):
             if out[kind]:
                 result[f"{kind}_p50"], result[f"{kind}_p99"] = (float(np.percentile(out[kind], q)) for q in (50, 99))
         print(json.dumps(result), flush=True)
@@ -216,6 +220,7 @@ learned as a backlog, its test split is produced at {r['rate_target']:,.0f} even
 | a new user's first event -> the replica answers that user (not 404) | {row('new')} | p99 <= 2 s |
 | an existing user's event on their top-1 item -> the item is no longer recommended | {row('existing')} | p99 <= 2 s |
 | the same event -> the replica serves a propagation run after it (`model_version`) | {row('row')} | p99 <= 2 s |
+| the same event -> the user's served row is as of a version after it (`user_version`) | {row('user_row')} | p99 <= 2 s |
 | probes not answered within 60 s | {r['timeouts']} | 0 |
 """
 
