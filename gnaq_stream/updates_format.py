@@ -107,15 +107,19 @@ def expand_block(key: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
             for r, i in enumerate(ids)]
 
 
+def history_key(user: int) -> bytes:
+    return b"H" + _U32.pack(user)
+
+
 def history_record(user: int, version: int, items: np.ndarray) -> tuple[bytes, bytes]:
-    return b"H" + _U32.pack(user), _VERSION.pack(version) + np.asarray(items, dtype="<u4").tobytes()
+    return history_key(user), _VERSION.pack(version) + np.asarray(items, dtype="<u4").tobytes()
 
 
 def history_block_record(block: int, version: int, lengths: np.ndarray, items: np.ndarray) -> tuple[bytes, bytes]:
     """Histories of users block x BLOCK_ROWS onwards: `lengths` items each, `items` back to back."""
     if not 0 < len(lengths) <= BLOCK_ROWS or int(np.sum(lengths)) != len(items):
         raise ValueError(f"a history block holds 1..{BLOCK_ROWS} histories, `lengths` items each")
-    return b"BH" + _U32.pack(block), _BLOCK_HEAD.pack(version, len(lengths)) \
+    return history_block_key(block * BLOCK_ROWS), _BLOCK_HEAD.pack(version, len(lengths)) \
         + np.asarray(lengths, dtype="<u4").tobytes() + np.asarray(items, dtype="<u4").tobytes()
 
 
@@ -150,8 +154,8 @@ def user_history(user: int, record: bytes | None, block: bytes | None) -> np.nda
     """A user's items (int64) from the newer of their history record's value and their block's
     history block record's value (either None: not held; both checked by `history_span`)."""
     version = -1 if record is None else _VERSION.unpack_from(record)[0]
-    if block is not None and _BLOCK_HEAD.unpack_from(block)[0] > version:
-        count = _BLOCK_HEAD.unpack_from(block)[1]
+    block_version, count = (-1, 0) if block is None else _BLOCK_HEAD.unpack_from(block)
+    if block_version > version:
         lengths = np.frombuffer(block, dtype="<u4", count=count, offset=_BLOCK_HEAD.size).astype(np.int64)
         row = user % BLOCK_ROWS
         if row >= count:

@@ -31,7 +31,8 @@ from gnaq_stream.errors import ConfigError, GnaqError
 from gnaq_stream.quant.packing import SUPPORTED_BITS, check_bits, check_level_dtype, row_bytes
 from gnaq_stream.serve.scoring import ItemIndex, PackedScorer
 from gnaq_stream.updates_format import (META_KEY, RowUpdate, UpdateFormatError, decode_meta, decode_rows,
-                                        decode_update, expand_block, history_block_key, history_span, user_history)
+                                        decode_update, expand_block, history_block_key, history_key, history_span,
+                                        user_history)
 
 log = logging.getLogger("gnaq_stream.serve")
 REJECTION_REASONS = ("malformed", "width", "index", "partition")
@@ -678,7 +679,7 @@ class Replica:
         if idx is None:
             raise UnknownUser(f"unknown user {user!r}")
         vector = self.scorer.user_vector(self.users.rows[idx])
-        history = user_history(idx, *self.db[[b"H" + idx.to_bytes(4, "big"), history_block_key(idx)]])
+        history = user_history(idx, *self.db[[history_key(idx), history_block_key(idx)]])
         # rows of a publication still arriving are served already; items not yet arrived are skipped
         best, best_scores = self.items.index.top_k(vector, k, np.concatenate([history, self.items.unpublished()]))
         return {"user": user, "k": k, "model_version": self.model_version,

@@ -72,11 +72,12 @@ class UpdatesPublisher:
         blocks, counts = np.unique(users // BLOCK_ROWS, return_counts=True)
         dense = blocks[counts >= DENSE_BLOCK_ROWS]
         sizes = np.minimum(BLOCK_ROWS, graph.n_users - dense * BLOCK_ROWS)
-        if len(dense):  # a block too big for one record (heavy users) goes user by user
-            degrees = graph.user_degrees(_block_members(dense, sizes))
-            nbytes = BLOCK_HEAD_BYTES + 4 * sizes + 4 * np.add.reduceat(degrees, np.cumsum(sizes) - sizes)
-            dense, sizes = dense[nbytes <= MAX_BLOCK_BYTES], sizes[nbytes <= MAX_BLOCK_BYTES]
         members = _block_members(dense, sizes)
+        if len(dense):  # a block too big for one record (heavy users) goes user by user
+            degrees = graph.user_degrees(members)
+            fits = BLOCK_HEAD_BYTES + 4 * sizes + 4 * np.add.reduceat(degrees, np.cumsum(sizes) - sizes) \
+                <= MAX_BLOCK_BYTES
+            members, dense, sizes = members[np.repeat(fits, sizes)], dense[fits], sizes[fits]
         singles = users[~np.isin(users // BLOCK_ROWS, dense)]
         owner, items = graph.items_of_users(np.concatenate([members, singles]))
         lengths = np.bincount(owner, minlength=len(members) + len(singles))
