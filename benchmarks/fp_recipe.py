@@ -5,7 +5,8 @@ minus a carved validation split (10% of each user's training interactions, seed 
 wall-clock budget, and prints validation Recall@20 / NDCG@20 every few epochs. The variants differ
 in one thing at a time: initialisation (N(0, 0.1^2) or spectral), sampling (every training
 interaction once per epoch, or users uniformly as LightGCN's reference code does), the number of
-negatives BPR averages over, or a sampled-softmax loss. The test split is never read.
+negatives BPR averages over, or a sampled-softmax loss (per-row negatives, or one set of uniform
+negatives shared by the batch, on dot products or cosine similarities). The test split is never read.
 
     python benchmarks/fp_recipe.py --dataset gowalla --minutes 8 --init spectral --negatives 8
 """
@@ -35,6 +36,21 @@ def softmax_loss(final: torch.Tensor, layer0: torch.Tensor, n_users: int, users:
     return -torch.log_softmax(logits, 1)[:, 0].mean() + l2_penalty(layer0, n_users, users, pos, neg, reg)
 
 
+def shared_softmax_loss(final: torch.Tensor, layer0: torch.Tensor, n_users: int, users: torch.Tensor,
+                        pos: torch.Tensor, shared: torch.Tensor, n_items: int, tau: float, reg: float,
+                        cosine: bool) -> torch.Tensor:
+    """Sampled softmax of each positive against one set of uniform negatives shared by the whole batch
+    (one B x K matrix product instead of B x K gathered rows), the negatives' logits corrected by
+    log(n_items / K) so it estimates the softmax over all items; L2 on users and positives."""
+    u, p, n = final[users], final[n_users + pos], final[n_users + shared]
+    if cosine:
+        u, p, n = (torch.nn.functional.normalize(x, dim=1) for x in (u, p, n))
+    pos_logits = (u * p).sum(1, keepdim=True) / tau
+    neg_logits = u @ n.T / tau + float(np.log(n_items / len(shared)))
+    logits = torch.cat([pos_logits, neg_logits], 1)
+    return -torch.log_softmax(logits, 1)[:, 0].mean() + l2_penalty(layer0, n_users, users, pos, shared[:0], reg)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="gowalla")
@@ -43,7 +59,9 @@ def main() -> None:
     p.add_argument("--init", choices=["normal", "spectral"], default="normal")
     p.add_argument("--sampling", choices=["interactions", "users"], default="interactions")
     p.add_argument("--negatives", type=int, default=1)
-    p.add_argument("--loss", choices=["bpr", "softmax"], default="bpr")
+    p.add_argument("--loss", choices=["bpr", "softmax", "shared-softmax"], default="bpr")
+    p.add_argument("--tau", type=float, default=1.0, help="shared-softmax temperature")
+    p.add_argument("--cosine", action="store_true", help="shared-softmax on cosine similarities (validated as such)")
     p.add_argument("--batch-size", type=int, default=32768)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
@@ -78,7 +96,8 @@ def main() -> None:
     def validate(seconds: float, epoch: int) -> tuple:
         with torch.no_grad():
             out = propagate(adj, weight, 3)
-        m = evaluate_ranking(out[:n_users], out[n_users:], truth, known)
+        items = torch.nn.functional.normalize(out[n_users:], dim=1) if args.cosine else out[n_users:]
+        m = evaluate_ranking(out[:n_users], items, truth, known)
         print(f"{seconds:7.1f} s  epoch {epoch:4d}  valid R@20 {m['recall@20']:.4f}  NDCG@20 {m['ndcg@20']:.4f}",
               flush=True)
         return round(seconds, 1), epoch, round(m["recall@20"], 4), round(m["ndcg@20"], 4)
@@ -98,13 +117,19 @@ def main() -> None:
             users, items = tr.users[order], tr.items[order]
         for lo in range(0, n, args.batch_size):
             u, i = users[lo:lo + args.batch_size], items[lo:lo + args.batch_size]
-            ut, it, nt = torch.from_numpy(u), torch.from_numpy(i), torch.from_numpy(sampler.sample(u, args.negatives))
+            ut, it = torch.from_numpy(u), torch.from_numpy(i)
+            nt = torch.from_numpy(rng.integers(0, n_items, args.negatives)) if args.loss == "shared-softmax" \
+                else torch.from_numpy(sampler.sample(u, args.negatives))
             if args.schedule == "cosine":
                 opt.param_groups[0]["lr"] = args.lr * 0.5 * (1 + np.cos(np.pi * step / horizon))
             step += 1
             final = propagate(adj, weight, 3)
-            loss = ranking_loss(final, weight, n_users, ut, it, nt, 0.0, args.reg) if args.loss == "bpr" \
-                else softmax_loss(final, weight, n_users, ut, it, nt, args.reg)
+            if args.loss == "bpr":
+                loss = ranking_loss(final, weight, n_users, ut, it, nt, 0.0, args.reg)
+            elif args.loss == "softmax":
+                loss = softmax_loss(final, weight, n_users, ut, it, nt, args.reg)
+            else:
+                loss = shared_softmax_loss(final, weight, n_users, ut, it, nt, n_items, args.tau, args.reg, args.cosine)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
