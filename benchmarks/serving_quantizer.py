@@ -10,7 +10,13 @@ the graph). Alternatives that are not in the product are written here only:
 - `lloyd`: the product's levels refined by 10 Lloyd iterations (codes nearest, levels the means);
 - `users float`: user rows left unquantized (what the user side costs);
 - `affine`: 2^n uniform levels between the row's min and max, stored as two fp8 numbers;
-- `symmetric`: 2^n uniform levels in [-a, a], a = the row's largest |value| as one fp8 number.
+- `symmetric`: 2^n uniform levels in [-a, a], a = the row's largest |value| as one fp8 number;
+- `score-aware`: the same row formats with codes (and the symmetric scale) chosen for ranking, not
+  for the squared error: a user's row is ranked with only by its direction, so its codes maximise
+  the cosine to the user's embedding; an item's error along its own embedding moves its score with
+  every user that ranks it high, so its codes minimise |r|^2 + (eta - 1) (r . x/|x|)^2 (ScaNN's
+  anisotropic loss, eta 4) for r the row's error; by coordinate descent over dimensions from the
+  nearest codes; for `symmetric` the scale is the best of five fractions of the largest |value|.
 
     python benchmarks/serving_quantizer.py --checkpoints runs/benchmarks/gowalla/fp \
         runs/benchmarks/gowalla/gnaq-2-44-seed1 --dataset gowalla
@@ -66,6 +72,67 @@ def uniform(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     return dequantize(levels, nearest_codes(x, levels))
 
 
+def angle_codes(x: torch.Tensor, levels: torch.Tensor, sweeps: int = 2) -> torch.Tensor:
+    """Codes whose row has the largest cosine with x: each dimension in turn takes the level that
+    maximises it given the others."""
+    codes = nearest_codes(x, levels).long()
+    q = levels.gather(1, codes)
+    dot, nsq = (q * x).sum(1, keepdim=True), (q * q).sum(1, keepdim=True)
+    for _ in range(sweeps):
+        for d in range(x.shape[1]):
+            old = q[:, d:d + 1]
+            cosine = (dot + (levels - old) * x[:, d:d + 1]) / (nsq + levels ** 2 - old ** 2).clamp_min(1e-12).sqrt()
+            k = cosine.argmax(1, keepdim=True)
+            new = levels.gather(1, k)
+            dot, nsq = dot + (new - old) * x[:, d:d + 1], nsq + new ** 2 - old ** 2
+            q[:, d:d + 1], codes[:, d:d + 1] = new, k
+    return codes
+
+
+def anisotropic_codes(x: torch.Tensor, levels: torch.Tensor, eta: float, sweeps: int = 2) -> torch.Tensor:
+    """Codes minimising |r|^2 + (eta - 1) (r . x/|x|)^2, r = x - the row, dimension by dimension."""
+    unit = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    codes = nearest_codes(x, levels).long()
+    r = x - levels.gather(1, codes)
+    along = (r * unit).sum(1, keepdim=True)
+    for _ in range(sweeps):
+        for d in range(x.shape[1]):
+            cand = x[:, d:d + 1] - levels
+            cost = cand ** 2 + (eta - 1) * (along + (cand - r[:, d:d + 1]) * unit[:, d:d + 1]) ** 2
+            k = cost.argmin(1, keepdim=True)
+            new = cand.gather(1, k)
+            along = along + (new - r[:, d:d + 1]) * unit[:, d:d + 1]
+            r[:, d:d + 1], codes[:, d:d + 1] = new, k
+    return codes
+
+
+def ranking_cost(x: torch.Tensor, q: torch.Tensor, user: bool, eta: float) -> torch.Tensor:
+    """Per row, what `angle_codes` (users) or `anisotropic_codes` (items) minimise."""
+    if user:
+        return -(x * q).sum(1) / q.norm(dim=1).clamp_min(1e-12)
+    r = x - q
+    return r.square().sum(1) + (eta - 1) * (r * x).sum(1).square() / x.square().sum(1).clamp_min(1e-12)
+
+
+def score_aware(x: torch.Tensor, bits: int, user: bool, symmetric: bool, eta: float = 4.0) -> torch.Tensor:
+    pick = (lambda levels: angle_codes(x, levels)) if user else (lambda levels: anisotropic_codes(x, levels, eta))
+    if not symmetric:
+        levels = round_levels(init_from_embedding(x, bits)[0], "fp8")
+        return dequantize(levels, pick(levels))
+    steps = torch.arange(1 << bits, dtype=torch.float32) / ((1 << bits) - 1)
+    best, best_cost = None, None
+    for share in (0.55, 0.65, 0.75, 0.85, 1.0):
+        a = (x.abs().amax(1, keepdim=True) * share).to(FP8).float()
+        levels = -a + 2 * a * steps
+        q = dequantize(levels, pick(levels))
+        cost = ranking_cost(x, q, user, eta)
+        if best is None:
+            best, best_cost = q, cost
+        else:
+            best, best_cost = torch.where((cost < best_cost)[:, None], q, best), torch.minimum(cost, best_cost)
+    return best
+
+
 # name -> (bytes per node: codes + levels, or None for float user rows; user rows; item rows)
 def variants(dim: int) -> dict:
     codes = {b: dim * b // 8 for b in (2, 3, 4)}
@@ -73,9 +140,13 @@ def variants(dim: int) -> dict:
         "product, 2 bits": (codes[2] + 4, lambda x: product(x, 2), lambda x: product(x, 2)),
         "product, 2 bits, users float": (None, lambda x: x, lambda x: product(x, 2)),
         "lloyd, 2 bits": (codes[2] + 4, lambda x: lloyd(x, 2), lambda x: lloyd(x, 2)),
+        "score-aware, 2 bits": (codes[2] + 4, lambda x: score_aware(x, 2, True, False),
+                                lambda x: score_aware(x, 2, False, False)),
         "product, 3 bits": (codes[3] + 8, lambda x: product(x, 3), lambda x: product(x, 3)),
         "affine, 3 bits": (codes[3] + 2, lambda x: uniform(x, 3, False), lambda x: uniform(x, 3, False)),
         "symmetric, 3 bits": (codes[3] + 1, lambda x: uniform(x, 3, True), lambda x: uniform(x, 3, True)),
+        "symmetric, 3 bits, score-aware": (codes[3] + 1, lambda x: score_aware(x, 3, True, True),
+                                           lambda x: score_aware(x, 3, False, True)),
         "product, 4 bits": (codes[4] + 16, lambda x: product(x, 4), lambda x: product(x, 4)),
     }
 
