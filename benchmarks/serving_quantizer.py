@@ -61,14 +61,19 @@ def lloyd(x: torch.Tensor, bits: int, iterations: int = 10) -> torch.Tensor:
     return dequantize(levels, nearest_codes(x, levels))
 
 
-def uniform(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+def symmetric_levels(x: torch.Tensor, bits: int, share: float = 1.0) -> torch.Tensor:
+    """2^n uniform levels in [-a, a], a = `share` x the row's largest |value| as one fp8 number."""
+    a = (x.abs().amax(1, keepdim=True) * share).to(FP8).float()
     steps = torch.arange(1 << bits, dtype=torch.float32) / ((1 << bits) - 1)
+    return -a + 2 * a * steps
+
+
+def uniform(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     if symmetric:
-        a = x.abs().amax(1, keepdim=True).to(FP8).float()
-        levels = -a + 2 * a * steps
+        levels = symmetric_levels(x, bits)
     else:
         lo, hi = x.amin(1, keepdim=True).to(FP8).float(), x.amax(1, keepdim=True).to(FP8).float()
-        levels = lo + (hi - lo) * steps
+        levels = lo + (hi - lo) * (torch.arange(1 << bits, dtype=torch.float32) / ((1 << bits) - 1))
     return dequantize(levels, nearest_codes(x, levels))
 
 
@@ -119,11 +124,9 @@ def score_aware(x: torch.Tensor, bits: int, user: bool, symmetric: bool, eta: fl
     if not symmetric:
         levels = round_levels(init_from_embedding(x, bits)[0], "fp8")
         return dequantize(levels, pick(levels))
-    steps = torch.arange(1 << bits, dtype=torch.float32) / ((1 << bits) - 1)
     best, best_cost = None, None
     for share in (0.55, 0.65, 0.75, 0.85, 1.0):
-        a = (x.abs().amax(1, keepdim=True) * share).to(FP8).float()
-        levels = -a + 2 * a * steps
+        levels = symmetric_levels(x, bits, share)
         q = dequantize(levels, pick(levels))
         cost = ranking_cost(x, q, user, eta)
         if best is None:
